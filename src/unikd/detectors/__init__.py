@@ -1,0 +1,30 @@
+"""Detector adapters (DESIGN §3): torchvision detectors with one contract for distillation.
+
+``build_detector(cfg.model, num_classes, image_size)`` returns a :class:`DetectorAdapter`;
+``FAMILIES`` maps each ``model.family`` name to its adapter class.
+"""
+from __future__ import annotations
+
+from unikd.config import ConfigError, DetectorConfig
+from unikd.detectors.base import DetectorAdapter
+from unikd.detectors.faster_rcnn import FasterRCNNAdapter
+from unikd.detectors.one_stage import FCOSAdapter, RetinaNetAdapter
+from unikd.detectors.registry import FAMILIES, register_family
+
+__all__ = [
+    "FAMILIES",
+    "DetectorAdapter",
+    "FCOSAdapter",
+    "FasterRCNNAdapter",
+    "RetinaNetAdapter",
+    "build_detector",
+    "register_family",
+]
+
+
+def build_detector(cfg: DetectorConfig, num_classes: int, image_size: int) -> DetectorAdapter:
+    """The adapter for ``cfg.family``, randomly initialised, for ``num_classes`` classes and images whose
+    longer side is ``image_size`` pixels."""
+    if cfg.family not in FAMILIES:
+        raise ConfigError(f"model.family: unknown family '{cfg.family}' (valid: {', '.join(sorted(FAMILIES))})")
+    return FAMILIES[cfg.family](cfg, num_classes, image_size)

@@ -1,0 +1,93 @@
+"""The detector adapter contract (DESIGN §3): one class per family around a torchvision detector.
+
+A subclass only says how to build its torchvision model and which FPN levels it has; the shared code here
+captures the multi-scale features of the training pass, runs inference and keeps the label convention
+(labels ``0..num_classes-1`` everywhere, whatever the detector uses internally).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from unikd.config import ConfigError, DetectorConfig
+
+
+class DetectorAdapter(nn.Module):
+    """A torchvision detector (``self.model``) with the distillation contract.
+
+    ``self.model`` must have ``transform`` (a ``GeneralizedRCNNTransform``), ``backbone`` (returning an
+    ordered dict of FPN maps) and torchvision's train/eval ``forward``. Images are lists of ``[3, H, W]``
+    float tensors in ``[0, 1]`` whose longer side is already ``image_size``: the transform is built with
+    ``min_size = max_size = image_size``, so it normalises and pads (to a multiple of 32) but keeps scale 1.
+    """
+
+    family: ClassVar[str]
+    feature_strides: ClassVar[list[int]]
+    label_offset: ClassVar[int] = 0  # added to labels on the way in, subtracted on the way out
+
+    def __init__(self, cfg: DetectorConfig, num_classes: int, image_size: int):
+        super().__init__()
+        if len(cfg.anchor_sizes) != len(self.feature_strides):
+            raise ConfigError(
+                f"model.anchor_sizes: family '{self.family}' has {len(self.feature_strides)} FPN levels "
+                f"(strides {self.feature_strides}), so it needs {len(self.feature_strides)} anchor sizes, "
+                f"got {len(cfg.anchor_sizes)}: {cfg.anchor_sizes}"
+            )
+        self.num_classes = num_classes
+        self.feature_channels = [cfg.fpn_channels] * len(self.feature_strides)
+        self.model = self.build_model(cfg, num_classes, image_size)
+
+    def build_model(self, cfg: DetectorConfig, num_classes: int, image_size: int) -> nn.Module:
+        """The torchvision detector for this family (implemented by each subclass)."""
+        raise NotImplementedError
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], list[Tensor]]:
+        """One training pass: the detector's losses and the FPN features it computed on the way.
+
+        Args:
+            images: B tensors ``[3, H, W]`` in ``[0, 1]``.
+            targets: B dicts with ``"boxes"`` float ``[n, 4]`` (xyxy, image pixels) and ``"labels"`` int64
+                ``[n]`` in ``0..num_classes-1``.
+        Returns:
+            ``(losses, features)``: scalar loss tensors by name, and one ``[B, C, H_l, W_l]`` map per level in
+            ``feature_strides`` order (``C = feature_channels[l]``, ``H_l = ceil32(H) / stride_l``), taken
+            from the backbone call of this very pass.
+        """
+        if not self.training:
+            raise RuntimeError(f"{type(self).__name__}.forward computes losses and needs train mode; use predict()")
+        captured: list[dict[str, Tensor]] = []
+        hook = self.model.backbone.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+        try:
+            losses = self.model(images, [self._to_model_labels(t) for t in targets])
+        finally:
+            hook.remove()
+        (features,) = captured
+        return losses, list(features.values())
+
+    def extract_features(self, images: list[Tensor]) -> list[Tensor]:
+        """Transform + backbone only: one ``[B, C, H_l, W_l]`` map per level, as in :meth:`forward`."""
+        batch, _ = self.model.transform(images)
+        return list(self.model.backbone(batch.tensors).values())
+
+    @torch.no_grad()
+    def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections per image, in eval mode (the previous mode is restored afterwards).
+
+        Returns B dicts: ``"boxes"`` ``[n, 4]`` xyxy in the input image's pixels, ``"scores"`` ``[n]``,
+        ``"labels"`` int64 ``[n]`` in ``0..num_classes-1``; ``n <= detections_per_img``.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            detections = self.model(images)
+        finally:
+            self.train(was_training)
+        return [
+            {"boxes": d["boxes"], "scores": d["scores"], "labels": d["labels"] - self.label_offset} for d in detections
+        ]
+
+    def _to_model_labels(self, target: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A shallow copy of ``target`` with labels in the wrapped detector's convention."""
+        return {**target, "labels": target["labels"] + self.label_offset}

@@ -1,0 +1,74 @@
+"""Dense one-stage detectors on P3-P7: torchvision RetinaNet and FCOS."""
+from __future__ import annotations
+
+from torch import nn
+from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from unikd.config import ConfigError, DetectorConfig
+from unikd.detectors.backbone import resnet_fpn
+from unikd.detectors.base import DetectorAdapter
+from unikd.detectors.registry import register_family
+
+
+class OneStageAdapter(DetectorAdapter):
+    """P3-P5 from the FPN over layer2-layer4, P6-P7 by strided convolutions from P5 (5 levels)."""
+
+    feature_strides = [8, 16, 32, 64, 128]
+    detector_class: type[nn.Module]
+
+    def anchor_generator(self, anchor_sizes: list[int]) -> AnchorGenerator:
+        """Anchors for each level from the config's base size per level."""
+        raise NotImplementedError
+
+    def build_model(self, cfg: DetectorConfig, num_classes: int, image_size: int) -> nn.Module:
+        backbone = resnet_fpn(
+            cfg.backbone,
+            cfg.fpn_channels,
+            cfg.trainable_layers,
+            returned_stages=["layer2", "layer3", "layer4"],
+            extra_blocks=LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels),
+        )
+        return self.detector_class(
+            backbone,
+            num_classes,
+            min_size=image_size,
+            max_size=image_size,
+            anchor_generator=self.anchor_generator(cfg.anchor_sizes),
+            score_thresh=cfg.score_thresh,
+            nms_thresh=cfg.nms_thresh,
+            detections_per_img=cfg.detections_per_img,
+        )
+
+
+@register_family("retinanet")
+class RetinaNetAdapter(OneStageAdapter):
+    """RetinaNet: 9 anchors per location, sizes ``s * 2**(k/3)`` (k = 0, 1, 2) x ratios 0.5, 1, 2."""
+
+    detector_class = RetinaNet
+
+    def anchor_generator(self, anchor_sizes: list[int]) -> AnchorGenerator:
+        sizes = tuple(tuple(s * 2 ** (k / 3) for k in range(3)) for s in anchor_sizes)
+        return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+
+
+@register_family("fcos")
+class FCOSAdapter(OneStageAdapter):
+    """FCOS: one square anchor per location; its size ``s`` sets the level's regression range [4s, 8s].
+
+    torchvision's FCOS head normalises with ``GroupNorm(32, C)``, so ``fpn_channels`` must be a multiple of 32.
+    """
+
+    detector_class = FCOS
+
+    def build_model(self, cfg: DetectorConfig, num_classes: int, image_size: int) -> nn.Module:
+        if cfg.fpn_channels % 32:
+            raise ConfigError(
+                f"model.fpn_channels: FCOS's head uses GroupNorm with 32 groups, so it needs a multiple of 32, "
+                f"got {cfg.fpn_channels}"
+            )
+        return super().build_model(cfg, num_classes, image_size)
+
+    def anchor_generator(self, anchor_sizes: list[int]) -> AnchorGenerator:
+        return AnchorGenerator(tuple((s,) for s in anchor_sizes), ((1.0,),) * len(anchor_sizes))
