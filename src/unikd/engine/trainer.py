@@ -1,0 +1,244 @@
+"""One training loop for every stage: teacher/student training, AKE pretraining, distillation.
+
+The trainer knows neither detectors nor distillers. It is given a ``model`` (an ``nn.Module`` whose
+``forward(images, targets)`` returns a dict of losses, or a tuple whose first element is that dict), a
+training dataset, and optionally an ``evaluate`` callback. It owns the optimiser, the schedule, mixed
+precision, clipping, DDP, checkpoints, ``--resume``, progress and metrics.
+
+Exact resumption: the data order and augmentation depend only on ``(seed, epoch)``, the global RNG is
+re-seeded from ``(seed, epoch, rank)`` at the start of every epoch, and the checkpoint carries the optimiser,
+scheduler and scaler states, so 1 epoch + resume 1 epoch gives the same weights as 2 epochs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ..config import TrainConfig
+from . import distributed as D
+from .checkpoint import load_checkpoint, save_checkpoint
+from .schedule import build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Indices of one epoch for one rank: a permutation seeded by ``(seed, epoch)``, split across ranks.
+
+    ``start`` skips the first ``start`` indices of this rank (a run resumed in the middle of an epoch).
+    The permutation is padded by wrapping so that every rank gets the same number of indices.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+                 shuffle: bool = True, start: int = 0):
+        self.n, self.seed, self.epoch, self.rank, self.world = n, seed, epoch, rank, world
+        self.shuffle, self.start = shuffle, start
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        per_rank = math.ceil(self.n / self.world)
+        order = (order * (per_rank * self.world // max(self.n, 1) + 1))[: per_rank * self.world]
+        return order[self.rank :: self.world][self.start :]
+
+    def __iter__(self):
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return len(self._indices())
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    iter_in_epoch: int = 0  # iterations done in the epoch in progress (mid-epoch stop)
+    step: int = 0  # iterations done in all
+
+
+def _to_device(images, targets, device):
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+class Trainer:
+    """Train ``model`` on ``dataset`` under ``cfg``; write checkpoints, metrics and evaluations to ``out_dir``.
+
+    Args:
+        model: returns a loss dict (or ``(loss_dict, ...)``) from ``model(images, targets)``. Only parameters
+            with ``requires_grad`` are optimised.
+        dataset: yields ``(image, target)``; may have ``set_epoch(epoch)`` (deterministic augmentation).
+        collate_fn: batches a list of samples into ``(images, targets)``.
+        cfg: the schedule (:class:`~unikd.config.TrainConfig`).
+        batch_size, workers: per-process batch size and DataLoader workers.
+        out_dir: where rank 0 writes ``checkpoints/``, ``last.pt``, ``metrics.jsonl``, ``eval.json``.
+        evaluate: ``evaluate(model) -> dict`` of metrics, called on every rank (it may shard the work).
+        meta: plain values stored in every checkpoint (config, class names...).
+        device: the device from :func:`unikd.engine.distributed.init_from_env`.
+    """
+
+    def __init__(self, model: nn.Module, dataset, collate_fn, cfg: TrainConfig, *, batch_size: int,
+                 out_dir: str | Path, workers: int = 0, evaluate: Callable[[nn.Module], dict] | None = None,
+                 meta: dict | None = None, device: torch.device | None = None):
+        self.cfg, self.dataset, self.collate_fn = cfg, dataset, collate_fn
+        self.batch_size, self.workers = batch_size, workers
+        self.out_dir = Path(out_dir)
+        self.evaluate_fn, self.meta = evaluate, meta or {}
+        self.device = device or torch.device("cpu")
+        self.model = model.to(self.device)
+        self.ddp = D.world_size() > 1
+        if self.ddp:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(self.model, device_ids=ids)
+        else:
+            self.wrapped = self.model
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        if cfg.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        elif cfg.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            raise ValueError(f"train.optimizer: unknown optimizer '{cfg.optimizer}' (choose sgd or adamw)")
+        self.iters_per_epoch = len(self._loader(0))
+        if self.iters_per_epoch == 0:
+            raise ValueError("the training set gives no batch: it is empty")
+        self.total_iters = cfg.epochs * self.iters_per_epoch
+        self.scheduler = build_scheduler(self.optimizer, self.total_iters, cfg)
+        self.amp = cfg.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.state = TrainState()
+        self._tb = None
+
+    # ----------------------------------------------------------------- data
+    def _loader(self, epoch: int, start: int = 0) -> torch.utils.data.DataLoader:
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        sampler = EpochSampler(len(self.dataset), self.cfg.seed, epoch, D.rank(), D.world_size(),
+                               start=start * self.batch_size)
+        return torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler,
+                                           num_workers=self.workers, collate_fn=self.collate_fn,
+                                           pin_memory=self.device.type == "cuda")
+
+    # ----------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "train_state": vars(self.state).copy(),
+            "meta": self.meta,
+        }
+
+    def resume(self, path: str | Path) -> None:
+        """Continue from a checkpoint written by this trainer (the same schedule, exactly)."""
+        ckpt = load_checkpoint(path, map_location=self.device)
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = TrainState(**ckpt["train_state"])
+        log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
+
+    def _save(self) -> None:
+        if D.is_main():
+            save_checkpoint(self.state_dict(), self.out_dir, self.state.step)
+        D.barrier()
+
+    # --------------------------------------------------------------- logging
+    def _log(self, record: dict) -> None:
+        if not D.is_main():
+            return
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.cfg.tensorboard:
+            if self._tb is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(self.out_dir / "tensorboard")
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
+                    self._tb.add_scalar(key, value, record["step"])
+            for key, value in record.get("eval", {}).items():
+                self._tb.add_scalar(f"eval/{key}", value, record["step"])
+
+    # ------------------------------------------------------------------ loop
+    def _train_step(self, images, targets) -> dict[str, torch.Tensor]:
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            out = self.wrapped(images, targets)
+        losses = out[0] if isinstance(out, tuple) else out
+        loss = sum(losses.values())
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
+
+    def _stop_early(self) -> bool:
+        return 0 < self.cfg.max_iters <= self.state.step
+
+    def fit(self) -> dict:
+        """Run (or continue) the schedule; return the final evaluation (empty without ``evaluate``)."""
+        if D.is_main():
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        cfg, st = self.cfg, self.state
+        self.model.train()
+        while st.epoch < cfg.epochs and not self._stop_early():
+            torch.manual_seed(cfg.seed * 100_003 + st.epoch * 1_009 + D.rank())
+            loader = self._loader(st.epoch, start=st.iter_in_epoch)
+            bar = tqdm(loader, desc=f"epoch {st.epoch + 1}/{cfg.epochs}", disable=not D.is_main(),
+                       initial=st.iter_in_epoch, total=self.iters_per_epoch, dynamic_ncols=True)
+            tic, seen = time.perf_counter(), 0
+            for images, targets in bar:
+                images, targets = _to_device(images, targets, self.device)
+                losses = self._train_step(images, targets)
+                st.step += 1
+                st.iter_in_epoch += 1
+                seen += len(images)
+                if st.step % cfg.log_every == 0 or st.iter_in_epoch == self.iters_per_epoch:
+                    values = {k: v.item() for k, v in losses.items()}
+                    if not math.isfinite(values["loss"]):
+                        raise FloatingPointError(f"non-finite loss at step {st.step}: {values}")
+                    rate = seen * D.world_size() / (time.perf_counter() - tic)
+                    bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                    self._log({"step": st.step, "epoch": st.epoch + st.iter_in_epoch / self.iters_per_epoch,
+                               "lr": self.scheduler.get_last_lr()[0], "images_per_s": rate, **values})
+                if self._stop_early():
+                    break
+            bar.close()
+            if st.iter_in_epoch == self.iters_per_epoch:
+                st.epoch += 1
+                st.iter_in_epoch = 0
+            self._save()
+            if (cfg.eval_every and st.epoch % cfg.eval_every == 0 and st.epoch < cfg.epochs
+                    and self.evaluate_fn is not None and not self._stop_early()):
+                self._evaluate()
+        return self._evaluate() if self.evaluate_fn is not None else {}
+
+    def _evaluate(self) -> dict:
+        self.model.eval()
+        metrics = self.evaluate_fn(self.model)
+        self.model.train()
+        self._log({"step": self.state.step, "epoch": self.state.epoch, "eval": metrics})
+        if D.is_main():
+            (self.out_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        return metrics
