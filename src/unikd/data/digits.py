@@ -134,10 +134,15 @@ def compose_image(rng, digits, labels, pool, canvas):
     return image, objects
 
 
+def source_pool(split: str, n_sources: int) -> np.ndarray:
+    """Source digit indices int [n_sources // 2] that ``split`` may use: even rows for train, odd for val."""
+    return np.arange(SPLITS.index(split), n_sources, 2)
+
+
 def build_split(out: Path, split: str, n: int, seed: int, size: int, digits, labels) -> None:
     """Write ``n`` PNGs to out/images/<split>/ and out/annotations/instances_<split>.json."""
     rng = np.random.default_rng([seed, SPLITS.index(split)])
-    pool = np.arange(SPLITS.index(split), len(digits), 2)
+    pool = source_pool(split, len(digits))
     image_dir = out / "images" / split
     shutil.rmtree(image_dir, ignore_errors=True)
     image_dir.mkdir(parents=True)
