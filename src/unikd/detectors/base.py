@@ -52,7 +52,7 @@ class DetectorAdapter(nn.Module):
                 ``[n]`` in ``0..num_classes-1``.
         Returns:
             ``(losses, features)``: scalar loss tensors by name, and one ``[B, C, H_l, W_l]`` map per level in
-            ``feature_strides`` order (``C = feature_channels[l]``, ``H_l = ceil32(H) / stride_l``), taken
+            ``feature_strides`` order (``C = feature_channels[l]``, ``H_l = ceil(H_pad / stride_l)`` with ``H_pad`` the batch height padded to a multiple of 32), taken
             from the backbone call of this very pass.
         """
         if not self.training:
