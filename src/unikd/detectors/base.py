@@ -52,8 +52,8 @@ class DetectorAdapter(nn.Module):
                 ``[n]`` in ``0..num_classes-1``.
         Returns:
             ``(losses, features)``: scalar loss tensors by name, and one ``[B, C, H_l, W_l]`` map per level in
-            ``feature_strides`` order (``C = feature_channels[l]``, ``H_l = ceil(H_pad / stride_l)`` with ``H_pad`` the batch height padded to a multiple of 32), taken
-            from the backbone call of this very pass.
+            ``feature_strides`` order, ``C = feature_channels[l]``, ``H_l = ceil(H_pad / stride_l)`` where
+            ``H_pad`` is the batch height padded to a multiple of 32; taken from the backbone call of this pass.
         """
         if not self.training:
             raise RuntimeError(f"{type(self).__name__}.forward computes losses and needs train mode; use predict()")
