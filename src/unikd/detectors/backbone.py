@@ -18,7 +18,8 @@ _RESNET_PREFIXES = ("resnet", "resnext", "wide_resnet")
 
 def backbone_names() -> list[str]:
     """The torchvision classification models usable as a backbone (ResNet, ResNeXt, Wide-ResNet)."""
-    return sorted(n for n in torchvision.models.list_models(module=torchvision.models) if n.startswith(_RESNET_PREFIXES))
+    names = torchvision.models.list_models(module=torchvision.models)
+    return sorted(n for n in names if n.startswith(_RESNET_PREFIXES))
 
 
 def stage_channels(resnet: torchvision.models.ResNet, stage: str) -> int:
