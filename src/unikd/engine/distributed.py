@@ -60,3 +60,15 @@ def gather_objects(obj) -> list:
 def shutdown() -> None:
     if is_dist():
         dist.destroy_process_group()
+
+
+def sync_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP keeps parameters identical but each rank updates its BatchNorm statistics on its own batch after
+    the broadcast at the start of a forward; syncing before a checkpoint or an evaluation makes the model
+    the same everywhere.
+    """
+    if is_dist():
+        for buf in module.buffers():
+            dist.broadcast(buf, 0)

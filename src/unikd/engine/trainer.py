@@ -66,6 +66,7 @@ class TrainState:
     epoch: int = 0  # epochs completed
     iter_in_epoch: int = 0  # iterations done in the epoch in progress (mid-epoch stop)
     step: int = 0  # iterations done in all
+    train_seconds: float = 0.0  # wall time spent in training iterations, summed over resumed runs
 
 
 def _to_device(images, targets, device):
@@ -156,6 +157,7 @@ class Trainer:
         log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
 
     def _save(self) -> None:
+        D.sync_buffers(self.model)
         if D.is_main():
             save_checkpoint(self.state_dict(), self.out_dir, self.state.step)
         D.barrier()
@@ -207,10 +209,11 @@ class Trainer:
             loader = self._loader(st.epoch, start=st.iter_in_epoch)
             bar = tqdm(loader, desc=f"epoch {st.epoch + 1}/{cfg.epochs}", disable=not D.is_main(),
                        initial=st.iter_in_epoch, total=self.iters_per_epoch, dynamic_ncols=True)
-            tic, seen = time.perf_counter(), 0
+            tic, seen, seconds_before = time.perf_counter(), 0, st.train_seconds
             for images, targets in bar:
                 images, targets = _to_device(images, targets, self.device)
                 losses = self._train_step(images, targets)
+                st.train_seconds = seconds_before + time.perf_counter() - tic
                 st.step += 1
                 st.iter_in_epoch += 1
                 seen += len(images)
@@ -221,7 +224,8 @@ class Trainer:
                     rate = seen * D.world_size() / (time.perf_counter() - tic)
                     bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                     self._log({"step": st.step, "epoch": st.epoch + st.iter_in_epoch / self.iters_per_epoch,
-                               "lr": self.scheduler.get_last_lr()[0], "images_per_s": rate, **values})
+                               "lr": self.scheduler.get_last_lr()[0], "images_per_s": rate,
+                               "train_seconds": st.train_seconds, **values})
                 if self._stop_early():
                     break
             bar.close()

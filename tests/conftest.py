@@ -1,0 +1,21 @@
+import pytest
+
+from unikd.config import ExperimentConfig, from_dict, to_dict
+
+
+@pytest.fixture(scope="session")
+def tiny_digits(tmp_path_factory):
+    """A real digits-det build, tiny: 8 train and 4 val images of 64 px."""
+    from unikd.data import build_digits_det
+
+    return build_digits_det(tmp_path_factory.mktemp("digits") / "digits-det", seed=0, n_train=8, n_val=4, size=64)
+
+
+def tiny_config(root, family="retinanet", **train) -> ExperimentConfig:
+    """A small but real experiment: R18 with a 16-channel FPN on 64-px images, batch 4."""
+    values = to_dict(ExperimentConfig())
+    values["data"].update(root=str(root), size=64, batch_size=4, hflip=0.5)
+    values["model"].update(family=family, backbone="resnet18", fpn_channels=16, anchor_sizes=[8, 16, 32, 64, 128],
+                           rpn_pre_nms_top_n=100, rpn_post_nms_top_n=50, box_batch_size_per_image=64)
+    values["train"].update({"epochs": 2, "warmup_iters": 2, "log_every": 1, "threads": 1, "device": "cpu", **train})
+    return from_dict(values)
