@@ -7,9 +7,9 @@ import io
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from tqdm import tqdm
 
 from .engine import distributed as D
+from .engine.progress import progress
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -69,7 +69,7 @@ def evaluate_detector(detector, dataset, collate_fn, device, batch_size: int = 8
     was_training = detector.training
     detector.eval()
     results = []
-    for images, targets in tqdm(loader, desc="eval", disable=not D.is_main(), dynamic_ncols=True):
+    for images, targets in progress(loader, desc="eval"):
         preds = detector.predict([im.to(device) for im in images])
         for im, pred, target in zip(images, preds, targets):
             results += to_coco_results(pred, target, tuple(im.shape[-2:]), dataset.category_ids)

@@ -22,11 +22,11 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from ..config import TrainConfig
 from . import distributed as D
 from .checkpoint import load_checkpoint, save_checkpoint
+from .progress import progress
 from .schedule import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -207,8 +207,8 @@ class Trainer:
         while st.epoch < cfg.epochs and not self._stop_early():
             torch.manual_seed(cfg.seed * 100_003 + st.epoch * 1_009 + D.rank())
             loader = self._loader(st.epoch, start=st.iter_in_epoch)
-            bar = tqdm(loader, desc=f"epoch {st.epoch + 1}/{cfg.epochs}", disable=not D.is_main(),
-                       initial=st.iter_in_epoch, total=self.iters_per_epoch, dynamic_ncols=True)
+            bar = progress(loader, desc=f"epoch {st.epoch + 1}/{cfg.epochs}", initial=st.iter_in_epoch,
+                           total=self.iters_per_epoch)
             tic, seen, seconds_before = time.perf_counter(), 0, st.train_seconds
             for images, targets in bar:
                 images, targets = _to_device(images, targets, self.device)
