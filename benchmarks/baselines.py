@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
+from doc_sections import replace_section
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("faster_rcnn", "fcos", "retinanet")
@@ -80,11 +81,7 @@ def write_results(rows: list[dict], command: str, doc: Path) -> None:
         if t and s:
             gap = 100 * (t["AP"] - s["AP"])
             lines.append(f"- {fam}: {gap:+.1f} AP ({'meets' if gap >= 5 else 'MISSES'} the 5-point target)")
-    section = "\n".join(lines) + "\n"
-    text = doc.read_text() if doc.exists() else "# Results\n\n"
-    head, sep, rest = text.partition("## Baseline detectors on digits-det")
-    tail = rest[rest.find("\n## "):] if sep and "\n## " in rest else ""
-    doc.write_text(head.rstrip() + "\n\n" + section + tail)
+    replace_section(doc, "\n".join(lines) + "\n", title="# Results")
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
-"""Throughput and peak memory of the detector adapters (train step and predict), one family x backbone per process.
+"""Throughput and peak memory of the detector adapters (train step and predict), one config per process.
 
-    python benchmarks/detectors.py                       # all families, resnet18 (FPN 64) and resnet50 (FPN 128)
+    python benchmarks/detectors.py                       # every configs/digits/*.yaml (teachers and students)
     python benchmarks/detectors.py --iters 2 --warmup 1 --output /tmp/bench.md   # smoke run
 
-Inputs are random images with a few random boxes (no dataset needed). Each configuration runs in a fresh
+The models are those of the experiment configs, at their ``data.size`` and ``data.batch_size``. Inputs are
+random images with a few random boxes (no dataset needed). Each configuration runs in a fresh
 subprocess so that its peak memory is its own: peak RSS of the process on CPU (interpreter and torch
 included), ``torch.cuda.max_memory_allocated`` on CUDA. The markdown table replaces the ``## Detectors``
 section of ``--output`` and leaves its other sections alone.
@@ -24,28 +25,25 @@ from pathlib import Path
 
 import torch
 
-from unikd.config import DetectorConfig
+from doc_sections import replace_section
+from unikd.config import load_config
 from unikd.detectors import build_detector
 
 NUM_CLASSES = 10
 SECTION = "## Detectors"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--families", nargs="+", default=["retinanet", "fcos", "faster_rcnn"])
-    parser.add_argument(
-        "--backbones", nargs="+", default=["resnet18:64", "resnet50:128"], metavar="NAME:FPN_CHANNELS",
-        help="backbone name and FPN width, e.g. resnet18:64",
-    )
-    parser.add_argument("--size", type=int, default=128, help="image side in pixels (digits-det: 128)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--configs", nargs="+", type=Path,
+                        default=sorted((ROOT / "configs" / "digits").glob("*.yaml")))
     parser.add_argument("--warmup", type=int, default=3, help="untimed iterations before each measurement")
     parser.add_argument("--iters", type=int, default=20, help="timed iterations per measurement")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--output", type=Path, default=Path("docs/benchmarks.md"))
-    parser.add_argument("--worker", nargs=3, metavar=("FAMILY", "BACKBONE", "FPN"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", type=Path, metavar="CONFIG", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -78,16 +76,17 @@ def timed(step, warmup: int, iters: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / iters
 
 
-def measure(args: argparse.Namespace, family: str, backbone: str, fpn_channels: int) -> dict:
+def measure(args: argparse.Namespace, config: Path) -> dict:
     """Train (forward + backward + SGD step) and predict throughput of one configuration, in this process."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     torch.manual_seed(0)
-    cfg = DetectorConfig(family=family, backbone=backbone, fpn_channels=fpn_channels)
-    detector = build_detector(cfg, NUM_CLASSES, args.size).to(device).train()
+    cfg = load_config(config)
+    size, batch_size = cfg.data.size, cfg.data.batch_size
+    detector = build_detector(cfg.model, NUM_CLASSES, size).to(device).train()
     optimizer = torch.optim.SGD([p for p in detector.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    images, targets = random_batch(args.size, args.batch_size, device, torch.Generator().manual_seed(0))
+    images, targets = random_batch(size, batch_size, device, torch.Generator().manual_seed(0))
 
     def train_step() -> None:
         losses, _ = detector(images, targets)
@@ -104,24 +103,27 @@ def measure(args: argparse.Namespace, family: str, backbone: str, fpn_channels: 
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
         device_name = f"CPU ({platform.processor() or platform.machine()})"
     return {
-        "family": family,
-        "backbone": backbone,
-        "fpn_channels": fpn_channels,
+        "config": config.stem,
+        "family": cfg.model.family,
+        "backbone": cfg.model.backbone,
+        "fpn_channels": cfg.model.fpn_channels,
+        "size": size,
+        "batch_size": batch_size,
         "params_m": sum(p.numel() for p in detector.parameters()) / 1e6,
-        "train_img_s": args.batch_size / train_s,
-        "predict_img_s": args.batch_size / predict_s,
+        "train_img_s": batch_size / train_s,
+        "predict_img_s": batch_size / predict_s,
         "peak_mib": peak_mib,
         "threads": torch.get_num_threads(),
         "device": device_name,
     }
 
 
-def run_in_subprocess(family: str, backbone: str, fpn_channels: int, argv: list[str]) -> dict:
+def run_in_subprocess(config: Path, argv: list[str]) -> dict:
     """``measure`` in a fresh interpreter (so that peak memory is this configuration's alone)."""
-    cmd = [sys.executable, __file__, *argv, "--worker", family, backbone, str(fpn_channels)]
+    cmd = [sys.executable, __file__, *argv, "--worker", str(config)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        sys.exit(f"{family} {backbone} failed:\n{done.stderr}")
+        sys.exit(f"{config} failed:\n{done.stderr}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -137,50 +139,34 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
         f"Date: {datetime.datetime.now().isoformat(timespec='minutes')}  ",
         f"Machine: {results[0]['device']}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"{results[0]['threads']} torch threads  ",
-        f"Setup: {args.size}x{args.size} random images with 1-4 random boxes, batch {args.batch_size}, "
-        f"{NUM_CLASSES} classes, {args.warmup} warm-up + {args.iters} timed iterations; train = forward + backward "
-        f"+ SGD step; predict = eval-mode inference of the randomly initialised model. Memory: {memory}.",
+        f"Setup: the models of the configs (`configs/digits/`) at their image size and batch size, on random "
+        f"images with 1-4 random boxes, {NUM_CLASSES} classes, {args.warmup} warm-up + {args.iters} timed iterations; "
+        f"train = forward + backward + SGD step; predict = eval-mode inference of the randomly initialised model. "
+        f"Memory: {memory}.",
         "",
-        "| family | backbone | FPN ch. | params (M) | train img/s | predict img/s | peak memory (MiB) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| config | family | backbone | FPN ch. | size | batch | params (M) | train img/s | predict img/s "
+        "| peak memory (MiB) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['family']} | {r['backbone']} | {r['fpn_channels']} | {r['params_m']:.1f} | {r['train_img_s']:.1f} "
-        f"| {r['predict_img_s']:.1f} | {r['peak_mib']:.0f} |"
+        f"| {r['config']} | {r['family']} | {r['backbone']} | {r['fpn_channels']} | {r['size']} | {r['batch_size']} "
+        f"| {r['params_m']:.1f} | {r['train_img_s']:.1f} | {r['predict_img_s']:.1f} | {r['peak_mib']:.0f} |"
         for r in results
     ]
     return "\n".join(lines) + "\n"
 
 
-def replace_section(path: Path, section: str) -> None:
-    """Write ``section`` into ``path`` in place of its ``## Detectors`` section (appended if absent)."""
-    lines = path.read_text().splitlines(keepends=True) if path.exists() else ["# Benchmarks\n"]
-    starts = [i for i, line in enumerate(lines) if line.rstrip() == SECTION]
-    if starts:
-        begin = starts[0]
-        end = next((i for i in range(begin + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = ["\n", *lines[end:]] if end < len(lines) else []
-        lines = [*lines[:begin], section, *tail]
-    else:
-        lines = [*lines, "\n", section]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(lines))
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.worker:
-        family, backbone, fpn = args.worker
-        print(json.dumps(measure(args, family, backbone, int(fpn))))
+        print(json.dumps(measure(args, args.worker)))
         return
     passthrough = sys.argv[1:] if argv is None else argv
     results = []
-    for spec in args.backbones:
-        backbone, fpn = spec.split(":")
-        for family in args.families:
-            result = run_in_subprocess(family, backbone, int(fpn), passthrough)
-            print(json.dumps(result), file=sys.stderr)
-            results.append(result)
+    for config in args.configs:
+        result = run_in_subprocess(config, passthrough)
+        print(json.dumps(result), file=sys.stderr)
+        results.append(result)
     replace_section(args.output, markdown(results, args))
     print(f"wrote {args.output} ({SECTION})", file=sys.stderr)
 
