@@ -12,10 +12,10 @@ def tiny_digits(tmp_path_factory):
 
 
 def tiny_config(root, family="retinanet", **train) -> ExperimentConfig:
-    """A small but real experiment: R18 with a 16-channel FPN on 64-px images, batch 4."""
+    """A small but real experiment: R18 with a 32-channel FPN on 64-px images, batch 4."""
     values = to_dict(ExperimentConfig())
     values["data"].update(root=str(root), size=64, batch_size=4, hflip=0.5)
-    values["model"].update(family=family, backbone="resnet18", fpn_channels=16, anchor_sizes=[8, 16, 32, 64, 128],
+    values["model"].update(family=family, backbone="resnet18", fpn_channels=32, anchor_sizes=[8, 16, 32, 64, 128],
                            rpn_pre_nms_top_n=100, rpn_post_nms_top_n=50, box_batch_size_per_image=64)
     values["train"].update({"epochs": 2, "warmup_iters": 2, "log_every": 1, "threads": 1, "device": "cpu", **train})
     return from_dict(values)

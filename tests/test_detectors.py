@@ -158,7 +158,7 @@ def test_faster_rcnn_shifts_labels_for_its_background_class():
 
 
 def test_builder_honours_fpn_channels_and_trainable_layers():
-    detector = build_detector(tiny_config("retinanet", fpn_channels=16, trainable_layers=2), NUM_CLASSES, SIZE)
+    detector = build_detector(tiny_config("faster_rcnn", fpn_channels=16, trainable_layers=2), NUM_CLASSES, SIZE)
     assert detector.feature_channels == [16] * 5
     assert all(block[0].out_channels == 16 for block in detector.model.backbone.fpn.layer_blocks)
     trunk = detector.model.backbone.body
@@ -188,6 +188,7 @@ def test_builder_derives_stage_channels_from_the_backbone():
         ({"family": "faster_rcnn", "anchor_sizes": [8, 16, 32, 64]}, "model.anchor_sizes"),
         ({"trainable_layers": 6}, "model.trainable_layers"),
         ({"family": "fcos", "fpn_channels": 16}, "model.fpn_channels"),
+        ({"family": "retinanet", "fpn_channels": 48}, "model.fpn_channels"),
     ],
 )
 def test_builder_rejects_bad_config(overrides, key):
@@ -195,3 +196,10 @@ def test_builder_rejects_bad_config(overrides, key):
         build_detector(tiny_config(**{"family": "retinanet", **overrides}), NUM_CLASSES, SIZE)
     if key in ("model.family", "model.backbone"):
         assert "valid:" in str(err.value) and ("retinanet" in str(err.value) or "resnet50" in str(err.value))
+
+
+def test_retinanet_has_torchvisions_v2_head():
+    """GroupNorm in the head towers and a GIoU box loss (the original head did not train from scratch)."""
+    detector = build_detector(tiny_config("retinanet"), NUM_CLASSES, SIZE)
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in detector.model.head.modules()) == 8
+    assert detector.model.head.regression_head._loss_type == "giou"

@@ -38,7 +38,7 @@ class DetectorConfig:
 
     family: str = "retinanet"  # retinanet | fcos | faster_rcnn
     backbone: str = "resnet18"  # any torchvision ResNet/ResNeXt/Wide-ResNet name
-    fpn_channels: int = 64  # FCOS: a multiple of 32 (its head uses GroupNorm with 32 groups)
+    fpn_channels: int = 64  # RetinaNet, FCOS: a multiple of 32 (their heads use GroupNorm with 32 groups)
     anchor_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])  # base size per FPN level
     trainable_layers: int = 5  # backbone stages that train (5 = all)
     score_thresh: float = 0.05
