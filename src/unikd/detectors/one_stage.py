@@ -65,7 +65,7 @@ class RetinaNetAdapter(OneStageAdapter):
 
     The head is torchvision's "v2" RetinaNet head: GroupNorm in the towers and a GIoU box loss. Trained from
     scratch on digits-det, the original head (no normalisation, L1 box loss) reached 3.9 AP where FCOS, which
-    has GroupNorm, reached 41.8 with the same backbone and schedule (docs/results.md).
+    has GroupNorm, reached 41.8 with the same R50 backbone and schedule (docs/results.md, "Notes").
     """
 
     detector_class = RetinaNet
