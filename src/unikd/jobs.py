@@ -85,6 +85,7 @@ DEMO_OVERRIDES = [  # the digits-det student schedule of configs/digits/retinane
     "train.optimizer=adamw",
     "train.lr=0.001",
     "train.warmup_iters=100",
+    "model.anchor_sizes=[16, 32, 64, 128, 256]",
 ]
 
 
