@@ -100,8 +100,7 @@ class Trainer:
         self.evaluate_fn, self.meta = evaluate, meta or {}
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device)
-        self.ddp = D.world_size() > 1
-        if self.ddp:
+        if D.world_size() > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.wrapped = DistributedDataParallel(self.model, device_ids=ids)
         else:
