@@ -5,7 +5,8 @@ import pytest
 from unikd.config import load_config
 from unikd.detectors import build_detector
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+ALL_CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+CONFIGS = [p for p in ALL_CONFIGS if p.stem.endswith(("_teacher", "_student"))]  # detector training
 
 
 def test_the_repo_has_a_teacher_and_a_student_per_family():
@@ -22,3 +23,15 @@ def test_every_config_validates_and_builds_its_detector(path):
     assert detector.feature_channels == [cfg.model.fpn_channels] * len(detector.feature_strides)
     expected = {"teacher": "resnet50", "student": "resnet18"}[path.stem.rsplit("_", 1)[1]]
     assert cfg.model.backbone == expected
+
+
+def test_stage_configs_validate_and_match_the_student_baseline():
+    names = {p.stem for p in ALL_CONFIGS}
+    assert {"ake", "distill_retinanet_r18"} <= names
+    root = Path(__file__).parents[1] / "configs" / "digits"
+    distill, student = load_config(root / "distill_retinanet_r18.yaml"), load_config(root / "retinanet_r18_student.yaml")
+    assert distill.distill.method == "unikd"
+    assert (distill.model, distill.train, distill.data) == (student.model, student.train, student.data)
+    ake = load_config(root / "ake.yaml").ake
+    teacher = load_config(root / "retinanet_r50_teacher.yaml")
+    assert ake.d_model % ake.n_heads == 0 and teacher.model.fpn_channels == ake.d_model

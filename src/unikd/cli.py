@@ -55,6 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a detector (teacher or student) and evaluate it")
     add_common_training_flags(train)
 
+    ake = sub.add_parser("pretrain-ake", help="stage 1: train the AKEs on a frozen teacher")
+    add_common_training_flags(ake)
+    ake.add_argument("--teacher", required=True, help="teacher checkpoint (from 'unikd train')")
+
+    dis = sub.add_parser("distill", help="stage 2: train a student with a teacher (UniKD, FitNet or none)")
+    add_common_training_flags(dis)
+    dis.add_argument("--teacher", required=True, help="teacher checkpoint (from 'unikd train')")
+    dis.add_argument("--ake", help="AKE file from 'unikd pretrain-ake' on that teacher (method unikd)")
+    dis.add_argument("--method", choices=["unikd", "fitnet", "none"], help="distill.method (default: the config's)")
+
     ev = sub.add_parser("eval", help="COCO mAP of a checkpoint")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", help="dataset folder (default: the one the checkpoint was trained on)")
@@ -83,6 +93,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"digits-det ready in {root}")
         elif args.command == "train":
             jobs.train_detector(config_from_args(args), args.out, _resume_path(args))
+        elif args.command == "pretrain-ake":
+            jobs.pretrain_ake(config_from_args(args), args.teacher, args.out, _resume_path(args))
+        elif args.command == "distill":
+            cfg = config_from_args(args)
+            if args.method:
+                cfg.distill.method = args.method
+            jobs.distill(cfg, args.teacher, args.out, args.ake, _resume_path(args))
         elif args.command == "eval":
             metrics = jobs.evaluate_checkpoint(args.checkpoint, args.data, args.split, args.device, args.batch_size)
             out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}.json"

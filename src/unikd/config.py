@@ -76,11 +76,39 @@ class TrainConfig:
 
 
 @dataclass
+class AKEConfig:
+    """The two Adaptive Knowledge Extractors (paper §3.2.1), trained in stage 1 (``unikd pretrain-ake``)."""
+
+    d_model: int = 256  # C, the width of queries and knowledge embeddings
+    n_queries: int = 200  # N, per query type
+    n_heads: int = 8
+    n_points: int = 4  # sampling points per head per level
+    d_ffn: int = 1024
+    extractor_layers: int = 1  # decoder layers in f_e
+    alpha: float = 0.6  # a jittered query box has IoU > alpha with its ground truth
+    beta: float = 0.4  # a background query box has IoU < beta with every ground truth
+
+
+@dataclass
+class DistillConfig:
+    """Stage 2 (``unikd distill``): which knowledge the student learns and how strongly."""
+
+    method: str = "unikd"  # unikd | fitnet | none
+    queries: str = "both"  # both | content | positional (UniKD's distillation terms)
+    lambda_ct: float = 10.0  # λ1, weight of D(z_ct_S, z_ct_T)
+    lambda_pos: float = 10.0  # λ2, weight of D(z_pos_S, z_pos_T)
+    adaptor_layers: int = 2  # deformable self-attention layers in the adaptor φ (0 = projection only)
+    fitnet_weight: float = 1.0  # weight of the foreground feature MSE (method fitnet)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     data: DataConfig = field(default_factory=DataConfig)
     model: DetectorConfig = field(default_factory=DetectorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ake: AKEConfig = field(default_factory=AKEConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def _check_value(key: str, hint: Any, value: Any) -> Any:

@@ -1,4 +1,4 @@
-"""The jobs behind the command line: train a detector, evaluate a checkpoint, the demo."""
+"""The jobs behind the command line: train a detector, pretrain AKEs, distill, evaluate a checkpoint, the demo."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,9 @@ from . import config as C
 from .data import CocoDetection, build_digits_det, collate
 from .detectors import build_detector
 from .engine import distributed as D
-from .engine.checkpoint import load_checkpoint
+from .distill import (AbsorbModel, DistillationModel, KnowledgeExtractors, build_distiller, load_ake, save_ake,
+                      teacher_fingerprint)
+from .engine.checkpoint import load_checkpoint, save_atomic
 from .engine.trainer import Trainer
 from .evaluation import evaluate_detector
 
@@ -61,13 +63,104 @@ def train_detector(cfg: C.ExperimentConfig, out_dir: str | Path, resume: str | P
     return metrics
 
 
-def load_detector(checkpoint: str | Path, device="cpu"):
-    """Rebuild the detector stored in a training checkpoint. Returns ``(detector, config)``."""
+def load_detector(checkpoint: str | Path, device="cpu", with_checkpoint: bool = False):
+    """Rebuild the detector stored in a training checkpoint. Returns ``(detector, config)``, plus the
+    checkpoint's other entries (``meta``, ``train_state``) when ``with_checkpoint``."""
     ckpt = load_checkpoint(checkpoint, map_location=device)
     cfg = C.from_dict(ckpt["meta"]["config"])
     detector = build_detector(cfg.model, ckpt["meta"]["num_classes"], cfg.data.size)
-    detector.load_state_dict(ckpt["model"])
-    return detector.to(device).eval(), cfg
+    detector.load_state_dict(ckpt.pop("model"))
+    detector = detector.to(device).eval()
+    return (detector, cfg, ckpt) if with_checkpoint else (detector, cfg)
+
+
+def _load_teacher(checkpoint: str | Path, cfg: C.ExperimentConfig, train_set: CocoDetection, device):
+    """The teacher of a distillation job, checked against the job's data. Returns ``(teacher, config, ckpt)``."""
+    teacher, tcfg, ckpt = load_detector(checkpoint, device, with_checkpoint=True)
+    if ckpt["meta"]["category_ids"] != train_set.category_ids:
+        raise ValueError(f"teacher {checkpoint} was trained on categories {ckpt['meta']['category_ids']}, "
+                         f"the data has {train_set.category_ids}")
+    if tcfg.data.size != cfg.data.size:
+        raise ValueError(f"teacher {checkpoint} was trained at data.size={tcfg.data.size}, this job uses "
+                         f"data.size={cfg.data.size}: they must be equal (the teacher's transform would rescale)")
+    return teacher, tcfg, ckpt
+
+
+def pretrain_ake(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, out_dir: str | Path,
+                 resume: str | Path | None = None) -> dict:
+    """Stage 1: train ``AKE_ct`` and ``AKE_pos`` on the frozen teacher's features; write ``OUT/ake.safetensors``
+    (with the teacher's fingerprint) and ``OUT/report.json`` (the AKE's own val mAP, and its training time as
+    a fraction of the teacher's)."""
+    device = D.init_from_env(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    train_set, val_set = _datasets(cfg)
+    teacher, tcfg, tckpt = _load_teacher(teacher_checkpoint, cfg, train_set, device)
+    fingerprint = teacher_fingerprint(teacher, tcfg.model)
+    akes = KnowledgeExtractors(cfg.ake, len(teacher.feature_strides), teacher.feature_channels[0],
+                               train_set.num_classes)
+    model = AbsorbModel(teacher, akes)
+
+    def evaluate(m):
+        return evaluate_detector(m, val_set, collate, device, batch_size=cfg.data.batch_size, workers=cfg.data.workers)
+
+    meta = {"config": C.to_dict(cfg), "teacher": fingerprint, "num_classes": train_set.num_classes,
+            "category_ids": train_set.category_ids}
+    trainer = Trainer(model, train_set, collate, cfg.train, batch_size=cfg.data.batch_size,
+                      workers=cfg.data.workers, out_dir=out_dir, evaluate=evaluate, meta=meta, device=device)
+    if resume is not None:
+        trainer.resume(resume)
+    metrics = trainer.fit()
+    teacher_seconds = tckpt["train_state"]["train_seconds"]
+    report = {"ake_val": metrics, "teacher": str(teacher_checkpoint), "ake_train_seconds": trainer.state.train_seconds,
+              "teacher_train_seconds": teacher_seconds,
+              "fraction_of_teacher_training": trainer.state.train_seconds / teacher_seconds if teacher_seconds else None}
+    if D.is_main():
+        path = save_ake(Path(out_dir) / "ake.safetensors", akes, fingerprint, train_set.num_classes,
+                        train_set.category_ids)
+        (Path(out_dir) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"AKEs saved to {path}; content-AKE val AP {metrics.get('AP', float('nan')):.3f}; "
+              f"stage 1 took {report['fraction_of_teacher_training'] or float('nan'):.1%} of the teacher's training time")
+    return report
+
+
+def distill(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, out_dir: str | Path,
+            ake_path: str | Path | None = None, resume: str | Path | None = None) -> dict:
+    """Stage 2: train the student of ``cfg.model`` with ``cfg.distill.method`` (unikd | fitnet | none) from the
+    teacher; evaluate it on val; write ``OUT/student.pt``, a detector checkpoint ``unikd eval`` reads."""
+    device = D.init_from_env(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    train_set, val_set = _datasets(cfg)
+    student = build_detector(cfg.model, train_set.num_classes, cfg.data.size)
+    teacher, tcfg, _ = _load_teacher(teacher_checkpoint, cfg, train_set, device)
+    fingerprint = teacher_fingerprint(teacher, tcfg.model)
+    akes = None
+    if cfg.distill.method == "unikd":
+        if ake_path is None:
+            raise ValueError("--method unikd needs --ake (the output of 'unikd pretrain-ake')")
+        akes, _ = load_ake(ake_path, fingerprint)
+    distiller = build_distiller(cfg.distill.method, cfg.distill, student, teacher, akes)
+    model = DistillationModel(student, teacher if distiller is not None else None, distiller)
+
+    def evaluate(m):
+        return evaluate_detector(m.student, val_set, collate, device, batch_size=cfg.data.batch_size,
+                                 workers=cfg.data.workers)
+
+    meta = {"config": C.to_dict(cfg), "teacher": fingerprint, "num_classes": train_set.num_classes,
+            "category_ids": train_set.category_ids}
+    trainer = Trainer(model, train_set, collate, cfg.train, batch_size=cfg.data.batch_size,
+                      workers=cfg.data.workers, out_dir=out_dir, evaluate=evaluate, meta=meta, device=device)
+    if resume is not None:
+        trainer.resume(resume)
+    metrics = trainer.fit()
+    if D.is_main():
+        save_atomic({"model": student.state_dict(), "meta": meta, "train_state": vars(trainer.state).copy()},
+                    Path(out_dir) / "student.pt")
+        print(f"{cfg.distill.method} student, val: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    return metrics
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path | None = None, split: str = "val",

@@ -1,0 +1,55 @@
+"""Pieces both stages share: the frozen teacher, targets in the AKE's coordinates, the query boxes ``B̂``."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_convert
+
+from .box_sampler import sample_query_boxes_batch
+
+
+class Frozen:
+    """A module held outside its owner's registry: it is not among the owner's parameters, not in its
+    ``state_dict`` (checkpoints stay small) and not switched by the owner's ``train()``. It is put in eval
+    mode with ``requires_grad=False`` once, here."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module.eval().requires_grad_(False)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def pyramid_image_size(features: list[Tensor], strides: list[int]) -> tuple[int, int]:
+    """``(H, W)`` in pixels that the pyramid covers: the padded batch size (level 0 map × its stride)."""
+    h, w = features[0].shape[-2:]
+    return h * strides[0], w * strides[0]
+
+
+def normalise_targets(targets: list[dict[str, Tensor]], size: tuple[int, int]) -> list[dict[str, Tensor]]:
+    """Targets with ``"boxes"`` as normalised cxcywh over ``size`` (the matcher's and the FFN head's frame)
+    and ``"boxes_xyxy"`` normalised xyxy; ``"labels"`` unchanged."""
+    h, w = size
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+    out = []
+    for t in targets:
+        xyxy = (t["boxes"].float() / scale.to(t["boxes"].device)).clamp(0, 1)
+        out.append({"labels": t["labels"], "boxes": box_convert(xyxy, "xyxy", "cxcywh"), "boxes_xyxy": xyxy})
+    return out
+
+
+def query_boxes(targets: list[dict[str, Tensor]], n: int, alpha: float, beta: float) -> tuple[Tensor, Tensor]:
+    """``B̂`` for a batch of normalised targets: boxes [B, N, 4] cxcywh and ``gt_index`` [B, N] (the ground
+    truth each jittered box copies, -1 for background). Drawn from the global RNG, which the trainer seeds."""
+    boxes, gt_index = sample_query_boxes_batch([t["boxes_xyxy"].cpu() for t in targets], n, alpha, beta)
+    device = targets[0]["labels"].device
+    return box_convert(boxes, "xyxy", "cxcywh").to(device), gt_index.to(device)
+
+
+def known_assignment(gt_index: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Matcher-style indices for positional queries: query ``i`` is matched to ground truth ``gt_index[i]``."""
+    out = []
+    for row in gt_index:
+        query = torch.nonzero(row >= 0).flatten()
+        out.append((query, row[query]))
+    return out
