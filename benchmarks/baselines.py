@@ -21,28 +21,17 @@ from pathlib import Path
 
 import yaml
 from doc_sections import replace_section
+from runner import UNIKD, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("faster_rcnn", "fcos", "retinanet")
 # Teachers first and the slowest family first, so that side-by-side jobs finish close together.
-CONFIGS = sorted((ROOT / "configs" / "digits").glob("*_r*_*.yaml"),
+CONFIGS = sorted((p for p in (ROOT / "configs" / "digits").glob("*_r*_*.yaml") if p.stem.endswith(("teacher", "student"))),
                  key=lambda p: (not p.stem.endswith("teacher"), FAMILIES.index(p.stem.rsplit("_r", 1)[0])))
 
 
 def train(config: Path, runs: Path, threads: int, data: Path) -> None:
-    out = runs / config.stem
-    if (out / "eval.json").exists():
-        return
-    cmd = [str(Path(sys.executable).with_name("unikd")), "train", str(config), "--out", str(out),
-           "--data", str(data), "--set", f"train.threads={threads}", "--set", "train.log_every=50"]
-    if (out / "last.pt").exists():
-        cmd.append("--resume")
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    with open(out / "train.log", "a") as log:
-        log.write(f"\n$ {' '.join(cmd)}\n")
-        log.flush()
-        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+    run_job(["train", str(config), "--data", str(data)], runs / config.stem, "eval.json", threads)
 
 
 def summary(runs: Path, config: Path) -> dict | None:
@@ -92,8 +81,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="config names (file stems) to train")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args()
-    subprocess.run([str(Path(sys.executable).with_name("unikd")), "data", "build", "digits-det", "--out",
-                    str(args.data)], check=True)
+    subprocess.run([UNIKD, "data", "build", "digits-det", "--out", str(args.data)], check=True)
     configs = [c for c in CONFIGS if not args.only or c.stem in args.only]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     tic = time.time()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +88,21 @@ def test_stage2_refuses_an_ake_of_another_teacher(stage_inputs, tiny_digits, tmp
     assert cli.main(["distill", str(student_yaml), "--teacher", str(root / "teacher" / "last.pt"),
                      "--out", str(tmp_path / "no_ake"), "--method", "unikd"]) == 2
     assert "needs --ake" in capsys.readouterr().err
+
+
+def test_the_readme_python_api_example_runs(stage_inputs, tiny_digits, tmp_path, monkeypatch):
+    root, _ = stage_inputs
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = readme.split("<!-- api-example -->\n```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "runs" / "teacher").symlink_to(root / "teacher")
+    (tmp_path / "runs" / "ake").symlink_to(root / "ake")
+    (tmp_path / "cache" / "digits-det").symlink_to(tiny_digits)
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert set(scope["losses"]) >= {"loss_kd_ct", "loss_kd_pos", "classification", "bbox_regression"}
+    assert all(torch.isfinite(v) for v in scope["losses"].values())
+    adaptor_weight = scope["distiller"].adaptor.proj[0].weight
+    assert adaptor_weight.grad is not None and adaptor_weight.grad.abs().sum() > 0

@@ -1,0 +1,25 @@
+"""Shared by the benchmark scripts: run one resumable ``unikd`` job in its own folder, logging to a file."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+UNIKD = str(Path(sys.executable).with_name("unikd"))
+
+
+def run_job(args: list[str], out: Path, done: str, threads: int) -> None:
+    """``unikd ARGS --out OUT`` with ``threads`` torch threads, unless ``OUT/done`` exists; continues from
+    ``OUT/last.pt`` with ``--resume`` when a previous attempt left one. Output goes to ``OUT/train.log``."""
+    if (out / done).exists():
+        return
+    cmd = [UNIKD, *args, "--out", str(out), "--set", f"train.threads={threads}", "--set", "train.log_every=50"]
+    if (out / "last.pt").exists():
+        cmd.append("--resume")
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    with open(out / "train.log", "a") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
