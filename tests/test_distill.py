@@ -6,6 +6,7 @@ import torch
 
 from unikd.config import AKEConfig, DetectorConfig, DistillConfig
 from unikd.detectors import build_detector
+from unikd.transformer import flatten_levels
 from unikd.distill import (AbsorbModel, Adaptor, AKEMismatchError, DistillationModel, FitNet, KnowledgeExtractors,
                            UniKD, build_distiller, foreground_mask, knowledge_distance, load_ake, nearest_levels,
                            save_ake, teacher_fingerprint)
@@ -61,6 +62,22 @@ def test_ake_parameter_count_at_c256_matches_its_parts():
     assert sum(p.numel() for p in akes.pos.parameters()) == pos
     decoders_only = sum(p.numel() for n, p in akes.named_parameters() if ".head." not in n)
     assert 4 * layer <= decoders_only < 4 * layer + 60_000
+
+
+def test_extractor_depth_and_query_count_are_config_switches():
+    cfg = AKEConfig(d_model=32, n_queries=7, n_heads=4, n_points=2, d_ffn=64, extractor_layers=3)
+    ake = KnowledgeExtractors(cfg, n_levels=2, in_channels=16, num_classes=NUM_CLASSES).pos
+    assert len(ake.extractor) == 3
+    features = [torch.randn(2, 16, 8, 8), torch.randn(2, 16, 4, 4)]
+    memory, shapes = flatten_levels(features)
+    boxes = torch.rand(2, 7, 4) * 0.5 + 0.25
+    queries = ake.queries(memory, shapes, boxes)
+    z = ake.extract(queries, memory, shapes)
+    assert z.shape == (2, 7, 32)
+    logits, predicted = ake.predict(z, queries)
+    assert logits.shape == (2, 7, NUM_CLASSES) and predicted.shape == (2, 7, 4)
+    with pytest.raises(ValueError, match="query boxes"):
+        ake.queries(memory, shapes, boxes[:, :5])
 
 
 def test_knowledge_distance_equals_a_hand_computation():
