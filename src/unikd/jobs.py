@@ -37,30 +37,44 @@ def _datasets(cfg: C.ExperimentConfig) -> tuple[CocoDetection, CocoDetection]:
     return train, val
 
 
-def train_detector(cfg: C.ExperimentConfig, out_dir: str | Path, resume: str | Path | None = None) -> dict:
-    """Train the detector that ``cfg.model`` describes on ``cfg.data``; evaluate on the val split at the end.
-
-    Returns the final COCO metrics. Under ``torchrun`` every process runs this; only rank 0 writes.
-    """
+def _prepare(cfg: C.ExperimentConfig) -> tuple[torch.device, CocoDetection, CocoDetection]:
+    """What every training job starts with: the device (and process group), threads, seeds, the two splits."""
     device = D.init_from_env(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
-    train_set, val_set = _datasets(cfg)
-    detector = build_detector(cfg.model, train_set.num_classes, cfg.data.size)
+    return (device, *_datasets(cfg))
 
-    def evaluate(model):
-        return evaluate_detector(model, val_set, collate, device, batch_size=cfg.data.batch_size,
+
+def _fit(cfg: C.ExperimentConfig, model: torch.nn.Module, train_set: CocoDetection, val_set: CocoDetection,
+         device: torch.device, out_dir: str | Path, resume: str | Path | None, meta: dict,
+         evaluated=lambda model: model) -> tuple[Trainer, dict]:
+    """Train ``model`` with the shared trainer (resuming from ``resume``) and evaluate ``evaluated(model)``
+    on the val split at the end. Returns the trainer and the final COCO metrics."""
+
+    def evaluate(m):
+        return evaluate_detector(evaluated(m), val_set, collate, device, batch_size=cfg.data.batch_size,
                                  workers=cfg.data.workers)
 
-    meta = {"config": C.to_dict(cfg), "num_classes": train_set.num_classes, "category_ids": train_set.category_ids}
-    trainer = Trainer(detector, train_set, collate, cfg.train, batch_size=cfg.data.batch_size,
+    meta = {"config": C.to_dict(cfg), "num_classes": train_set.num_classes, "category_ids": train_set.category_ids,
+            **meta}
+    trainer = Trainer(model, train_set, collate, cfg.train, batch_size=cfg.data.batch_size,
                       workers=cfg.data.workers, out_dir=out_dir, evaluate=evaluate, meta=meta, device=device)
     if resume is not None:
         trainer.resume(resume)
     metrics = trainer.fit()
     log.info("val: %s", json.dumps(metrics))
-    return metrics
+    return trainer, metrics
+
+
+def train_detector(cfg: C.ExperimentConfig, out_dir: str | Path, resume: str | Path | None = None) -> dict:
+    """Train the detector that ``cfg.model`` describes on ``cfg.data``; evaluate on the val split at the end.
+
+    Returns the final COCO metrics. Under ``torchrun`` every process runs this; only rank 0 writes.
+    """
+    device, train_set, val_set = _prepare(cfg)
+    detector = build_detector(cfg.model, train_set.num_classes, cfg.data.size)
+    return _fit(cfg, detector, train_set, val_set, device, out_dir, resume, meta={})[1]
 
 
 def load_detector(checkpoint: str | Path, device="cpu", with_checkpoint: bool = False):
@@ -91,31 +105,17 @@ def pretrain_ake(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, out_di
     """Stage 1: train ``AKE_ct`` and ``AKE_pos`` on the frozen teacher's features; write ``OUT/ake.safetensors``
     (with the teacher's fingerprint) and ``OUT/report.json`` (the AKE's own val mAP, and its training time as
     a fraction of the teacher's)."""
-    device = D.init_from_env(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed)
-    train_set, val_set = _datasets(cfg)
+    device, train_set, val_set = _prepare(cfg)
     teacher, tcfg, tckpt = _load_teacher(teacher_checkpoint, cfg, train_set, device)
     fingerprint = teacher_fingerprint(teacher, tcfg.model)
     akes = KnowledgeExtractors(cfg.ake, len(teacher.feature_strides), teacher.feature_channels[0],
                                train_set.num_classes)
-    model = AbsorbModel(teacher, akes)
-
-    def evaluate(m):
-        return evaluate_detector(m, val_set, collate, device, batch_size=cfg.data.batch_size, workers=cfg.data.workers)
-
-    meta = {"config": C.to_dict(cfg), "teacher": fingerprint, "num_classes": train_set.num_classes,
-            "category_ids": train_set.category_ids}
-    trainer = Trainer(model, train_set, collate, cfg.train, batch_size=cfg.data.batch_size,
-                      workers=cfg.data.workers, out_dir=out_dir, evaluate=evaluate, meta=meta, device=device)
-    if resume is not None:
-        trainer.resume(resume)
-    metrics = trainer.fit()
-    teacher_seconds = tckpt["train_state"]["train_seconds"]
-    report = {"ake_val": metrics, "teacher": str(teacher_checkpoint), "ake_train_seconds": trainer.state.train_seconds,
+    trainer, metrics = _fit(cfg, AbsorbModel(teacher, akes), train_set, val_set, device, out_dir, resume,
+                            meta={"teacher": fingerprint})
+    seconds, teacher_seconds = trainer.state.train_seconds, tckpt["train_state"]["train_seconds"]
+    report = {"ake_val": metrics, "teacher": str(teacher_checkpoint), "ake_train_seconds": seconds,
               "teacher_train_seconds": teacher_seconds,
-              "fraction_of_teacher_training": trainer.state.train_seconds / teacher_seconds if teacher_seconds else None}
+              "fraction_of_teacher_training": seconds / teacher_seconds if teacher_seconds else None}
     if D.is_main():
         path = save_ake(Path(out_dir) / "ake.safetensors", akes, fingerprint, train_set.num_classes,
                         train_set.category_ids)
@@ -129,11 +129,7 @@ def distill(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, out_dir: st
             ake_path: str | Path | None = None, resume: str | Path | None = None) -> dict:
     """Stage 2: train the student of ``cfg.model`` with ``cfg.distill.method`` (unikd | fitnet | none) from the
     teacher; evaluate it on val; write ``OUT/student.pt``, a detector checkpoint ``unikd eval`` reads."""
-    device = D.init_from_env(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed)
-    train_set, val_set = _datasets(cfg)
+    device, train_set, val_set = _prepare(cfg)
     student = build_detector(cfg.model, train_set.num_classes, cfg.data.size)
     teacher, tcfg, _ = _load_teacher(teacher_checkpoint, cfg, train_set, device)
     fingerprint = teacher_fingerprint(teacher, tcfg.model)
@@ -144,20 +140,10 @@ def distill(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, out_dir: st
         akes, _ = load_ake(ake_path, fingerprint)
     distiller = build_distiller(cfg.distill.method, cfg.distill, student, teacher, akes)
     model = DistillationModel(student, teacher if distiller is not None else None, distiller)
-
-    def evaluate(m):
-        return evaluate_detector(m.student, val_set, collate, device, batch_size=cfg.data.batch_size,
-                                 workers=cfg.data.workers)
-
-    meta = {"config": C.to_dict(cfg), "teacher": fingerprint, "num_classes": train_set.num_classes,
-            "category_ids": train_set.category_ids}
-    trainer = Trainer(model, train_set, collate, cfg.train, batch_size=cfg.data.batch_size,
-                      workers=cfg.data.workers, out_dir=out_dir, evaluate=evaluate, meta=meta, device=device)
-    if resume is not None:
-        trainer.resume(resume)
-    metrics = trainer.fit()
+    trainer, metrics = _fit(cfg, model, train_set, val_set, device, out_dir, resume, meta={"teacher": fingerprint},
+                            evaluated=lambda m: m.student)
     if D.is_main():
-        save_atomic({"model": student.state_dict(), "meta": meta, "train_state": vars(trainer.state).copy()},
+        save_atomic({"model": student.state_dict(), "meta": trainer.meta, "train_state": vars(trainer.state).copy()},
                     Path(out_dir) / "student.pt")
         print(f"{cfg.distill.method} student, val: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return metrics
