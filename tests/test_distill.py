@@ -97,11 +97,14 @@ def test_adaptor_maps_student_levels_to_the_teachers_by_nearest_stride():
     assert nearest_levels([4, 8, 16, 32, 64], [8, 16, 32, 64, 128]) == [1, 2, 3, 4, 4]
     assert nearest_levels([8, 32], [16]) == [0]  # a tie takes the finer level
     student = [torch.randn(2, 32, 64 // s, 64 // s) for s in (8, 16, 32, 64, 128)[:4]] + [torch.randn(2, 32, 1, 1)]
+    teacher = [torch.randn(2, 64, 64 // s, 64 // s) * scale for s, scale in zip((4, 8, 16, 32, 64), (1, 5, 50, 200, 9))]
     for layers in (0, 2):
         phi = Adaptor([8, 16, 32, 64, 128], [32] * 5, [4, 8, 16, 32, 64], [64] * 5, layers=layers, n_heads=4)
-        out = phi(student)
+        out = phi(student, teacher)
         assert [tuple(f.shape) for f in out] == [(2, 64, 8, 8), (2, 64, 8, 8), (2, 64, 4, 4), (2, 64, 2, 2),
                                                  (2, 64, 1, 1)]
+        for o, t in zip(out, teacher):  # in the teacher's units, level by level
+            assert o.pow(2).mean().sqrt().item() == pytest.approx(t.pow(2).mean().sqrt().item(), rel=1e-3)
     with pytest.raises(ValueError, match="one channel count"):
         Adaptor([8], [32], [8, 16], [64, 128], layers=1)
 
@@ -128,15 +131,20 @@ def test_fitnet_loss_is_the_foreground_mse_of_every_level(pair):
         f_t = teacher.extract_features(images)
         f_s = student.extract_features(images)
         loss = fitnet.loss(f_t, f_s, targets)["loss_fitnet"]
-        adapted = fitnet.adaptor(f_s)
+        adapted = fitnet.adaptor(f_s, f_t)
     expected = 0.0
     for t, s in zip(f_t, adapted):
         s = torch.nn.functional.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
-        mask = foreground_mask(targets, t.shape[-2:], SIZE / t.shape[-2])
-        cells = mask.bool()
-        diff = (s - t).pow(2).permute(0, 2, 3, 1)[cells]  # [n_cells, C]
-        expected += diff.mean().item() if len(diff) else 0.0
-    assert loss.item() == pytest.approx(2.0 * expected, rel=1e-5)
+        cells = foreground_mask(targets, t.shape[-2:], SIZE / t.shape[-2]).bool()
+        student_cells = s.permute(0, 2, 3, 1)[cells]  # [n_cells, C]
+        teacher_cells = t.permute(0, 2, 3, 1)[cells]
+        if len(teacher_cells):
+            expected += ((student_cells - teacher_cells).pow(2).sum() / teacher_cells.pow(2).sum()).item()
+    assert expected > 0
+    assert loss.item() == pytest.approx(2.0 * expected / len(f_t), rel=1e-5)
+    with torch.no_grad():
+        louder = fitnet.loss([100 * f for f in f_t], f_s, targets)["loss_fitnet"]
+    assert louder.item() == pytest.approx(loss.item(), rel=1e-4)  # the same for a teacher 100x louder
 
 
 def test_stage1_trains_only_the_akes_and_predicts_in_pixels(pair):

@@ -5,12 +5,18 @@ to the teacher's channels; then ``layers`` deformable self-attention (encoder) l
 all levels at once. A level keeps the student's spatial size: the AKE's deformable attention samples in
 normalised coordinates, so the sizes need not match the teacher's. Trained with the student, discarded at
 inference.
+
+The output is in the teacher's units: every token is layer-normalised and each level multiplied by the root
+mean square of the teacher's level in the same batch (a constant, no gradient). FPN outputs of detectors
+trained from scratch differ in scale by two orders of magnitude (digits-det R50 teachers: RMS 6 to 540), more
+than a learnt projection can bridge in a short schedule, and the frozen AKEs read the teacher's scale.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unikd.transformer import DeformableEncoderLayer, flatten_levels, sine_position_embedding, unflatten_levels
@@ -41,15 +47,17 @@ class Adaptor(nn.Module):
         self.layers = nn.ModuleList(DeformableEncoderLayer(c, n_levels, heads, n_points, 4 * c) for _ in range(layers))
         self.level_embed = nn.Parameter(torch.randn(n_levels, c)) if layers else None
 
-    def forward(self, student_features: list[Tensor]) -> list[Tensor]:
-        """``student_features``: one [B, C_S_l, H_l, W_l] per student level → one [B, C_T_k, H, W] per teacher
-        level ``k`` (H, W those of the student level mapped to it)."""
+    def forward(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> list[Tensor]:
+        """``student_features``: one [B, C_S_l, H_l, W_l] per student level; ``teacher_features``: one
+        [B, C_T_k, H_k, W_k] per teacher level (only their scale is used). Returns one [B, C_T_k, H, W] per
+        teacher level ``k`` (H, W those of the student level mapped to it)."""
         out = [proj(student_features[s]) for s, proj in zip(self.source, self.proj)]
-        if not self.layers:
-            return out
         tokens, shapes = flatten_levels(out)
-        pos = sine_position_embedding(shapes, tokens.shape[-1], device=tokens.device)
-        pos = pos + torch.repeat_interleave(self.level_embed, shapes.prod(1), dim=0)
-        for layer in self.layers:
-            tokens = layer(tokens, pos, shapes)
-        return unflatten_levels(tokens, shapes)
+        if self.layers:
+            pos = sine_position_embedding(shapes, tokens.shape[-1], device=tokens.device)
+            pos = pos + torch.repeat_interleave(self.level_embed, shapes.prod(1), dim=0)
+            for layer in self.layers:
+                tokens = layer(tokens, pos, shapes)
+        out = [F.layer_norm(level, level.shape[-1:]) for level in tokens.split(shapes.prod(1).tolist(), dim=1)]
+        scales = [f.detach().pow(2).mean().sqrt() for f in teacher_features]
+        return unflatten_levels(torch.cat([level * s for level, s in zip(out, scales)], dim=1), shapes)

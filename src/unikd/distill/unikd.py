@@ -75,7 +75,7 @@ class UniKD(nn.Module):
         """``teacher_features``: the teacher's levels [B, C_T, H_l, W_l]; ``student_features``: the student's;
         ``targets`` in image pixels (as the detectors take them). Returns ``loss_kd_ct`` / ``loss_kd_pos``."""
         memory_t, shapes_t = flatten_levels(teacher_features)
-        memory_s, shapes_s = flatten_levels(self.adaptor(student_features))
+        memory_s, shapes_s = flatten_levels(self.adaptor(student_features, teacher_features))
         gts = normalise_targets(targets, pyramid_image_size(teacher_features, self.teacher_strides))
         weights = {"ct": self.cfg.lambda_ct, "pos": self.cfg.lambda_pos}
         losses = {}
