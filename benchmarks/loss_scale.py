@@ -1,0 +1,78 @@
+"""Loss scales at the start of stage 2, per teacher: what the distillation weights are set from.
+
+    python benchmarks/loss_scale.py [--teachers runs/baselines] [--akes runs/distill]
+
+On the first 8 digits-det train images, with the untrained R18 RetinaNet student of
+``configs/digits/distill_retinanet_r18.yaml``: the student's detection loss, the RMS of each teacher FPN level,
+the FitNet loss and the two UniKD distances D (unweighted, λ = 1) with the stage-1 AKEs of
+``benchmarks/distillation.py``. Writes a section of docs/results.md.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+from doc_sections import replace_section
+
+from unikd.config import load_config
+from unikd.data import CocoDetection, collate
+from unikd.detectors import build_detector
+from unikd.distill import build_distiller, load_ake, teacher_fingerprint
+from unikd.jobs import load_detector
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ("faster_rcnn", "fcos", "retinanet")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teachers", type=Path, default=ROOT / "runs" / "baselines")
+    parser.add_argument("--akes", type=Path, default=ROOT / "runs" / "distill")
+    parser.add_argument("--data", type=Path, default=ROOT / "cache" / "digits-det")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = load_config(ROOT / "configs" / "digits" / "distill_retinanet_r18.yaml")
+    unweighted = dataclasses.replace(cfg.distill, lambda_ct=1.0, lambda_pos=1.0)
+    dataset = CocoDetection(args.data, "train", cfg.data.size)
+    images, targets = collate([dataset[i] for i in range(8)])
+    student = build_detector(cfg.model, dataset.num_classes, cfg.data.size).train()
+    lines = [
+        "## Loss scales at the start of distillation",
+        "",
+        f"Command: `python benchmarks/loss_scale.py {' '.join(sys.argv[1:])}` (measured {datetime.date.today()}). "
+        "Untrained R18 RetinaNet student, first 8 train images; D is unweighted (λ = 1).",
+        "",
+        "| teacher (R50) | student detection loss | teacher FPN RMS per level | FitNet loss | D_ct | D_pos |",
+        "|---|---|---|---|---|---|",
+    ]
+    with torch.no_grad():
+        losses, student_features = student(images, targets)
+        detection = sum(losses.values()).item()
+        for fam in FAMILIES:
+            teacher, tcfg = load_detector(args.teachers / f"{fam}_r50_teacher" / "last.pt")
+            teacher_features = teacher.extract_features(images)
+            rms = " / ".join(f"{f.pow(2).mean().sqrt().item():.0f}" for f in teacher_features)
+            fitnet = build_distiller("fitnet", cfg.distill, student, teacher).loss(
+                teacher_features, student_features, targets)["loss_fitnet"].item()
+            cells = [fam, f"{detection:.2f}", rms, f"{fitnet:.2f}"]
+            ake_file = args.akes / f"ake_{fam}" / "ake.safetensors"
+            if ake_file.exists():
+                akes, _ = load_ake(ake_file, teacher_fingerprint(teacher, tcfg.model))
+                kd = build_distiller("unikd", unweighted, student, teacher, akes).loss(
+                    teacher_features, student_features, targets)
+                cells += [f"{kd['loss_kd_ct'].item():.2f}", f"{kd['loss_kd_pos'].item():.2f}"]
+            else:
+                cells += ["no AKE", "no AKE"]
+            lines.append("| " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+    replace_section(args.doc, "\n".join(lines) + "\n", title="# Results")
+
+
+if __name__ == "__main__":
+    main()
