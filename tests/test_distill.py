@@ -107,6 +107,9 @@ def test_adaptor_maps_student_levels_to_the_teachers_by_nearest_stride():
             assert o.pow(2).mean().sqrt().item() == pytest.approx(t.pow(2).mean().sqrt().item(), rel=1e-3)
     with pytest.raises(ValueError, match="one channel count"):
         Adaptor([8], [32], [8, 16], [64, 128], layers=1)
+    teacher_mixed = [torch.randn(2, 64, 8, 8), torch.randn(2, 128, 4, 4)]
+    mixed = Adaptor([8], [32], [8, 16], [64, 128], layers=0)(student[:1], teacher_mixed)
+    assert [tuple(f.shape) for f in mixed] == [(2, 64, 8, 8), (2, 128, 8, 8)]
 
 
 def test_foreground_mask_equals_a_per_cell_check():
@@ -197,7 +200,8 @@ def test_stage2_query_switches_and_zero_lambdas(pair):
     with torch.no_grad():
         f_t = teacher.extract_features(images)
         f_s = student.extract_features(images)
-    for queries, keys in (("content", {"loss_kd_ct"}), ("positional", {"loss_kd_pos"}), ("both", {"loss_kd_ct", "loss_kd_pos"})):
+    switches = {"content": {"loss_kd_ct"}, "positional": {"loss_kd_pos"}, "both": {"loss_kd_ct", "loss_kd_pos"}}
+    for queries, keys in switches.items():
         distiller = UniKD(akes, student.feature_strides, student.feature_channels, teacher.feature_strides,
                           teacher.feature_channels, DistillConfig(queries=queries, adaptor_layers=1))
         assert set(distiller.loss(f_t, f_s, targets)) == keys

@@ -120,8 +120,9 @@ def pretrain_ake(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, out_di
         path = save_ake(Path(out_dir) / "ake.safetensors", akes, fingerprint, train_set.num_classes,
                         train_set.category_ids)
         (Path(out_dir) / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        fraction = report["fraction_of_teacher_training"] or float("nan")
         print(f"AKEs saved to {path}; content-AKE val AP {metrics.get('AP', float('nan')):.3f}; "
-              f"stage 1 took {report['fraction_of_teacher_training'] or float('nan'):.1%} of the teacher's training time")
+              f"stage 1 took {fraction:.1%} of the teacher's training time")
     return report
 
 

@@ -52,12 +52,13 @@ class Adaptor(nn.Module):
         [B, C_T_k, H_k, W_k] per teacher level (only their scale is used). Returns one [B, C_T_k, H, W] per
         teacher level ``k`` (H, W those of the student level mapped to it)."""
         out = [proj(student_features[s]) for s, proj in zip(self.source, self.proj)]
-        tokens, shapes = flatten_levels(out)
         if self.layers:
+            tokens, shapes = flatten_levels(out)
             pos = sine_position_embedding(shapes, tokens.shape[-1], device=tokens.device)
             pos = pos + torch.repeat_interleave(self.level_embed, shapes.prod(1), dim=0)
             for layer in self.layers:
                 tokens = layer(tokens, pos, shapes)
-        out = [F.layer_norm(level, level.shape[-1:]) for level in tokens.split(shapes.prod(1).tolist(), dim=1)]
+            out = unflatten_levels(tokens, shapes)
         scales = [f.detach().pow(2).mean().sqrt() for f in teacher_features]
-        return unflatten_levels(torch.cat([level * s for level, s in zip(out, scales)], dim=1), shapes)
+        return [F.layer_norm(level.movedim(1, -1), level.shape[1:2]).movedim(-1, 1) * scale
+                for level, scale in zip(out, scales)]

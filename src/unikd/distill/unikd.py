@@ -53,7 +53,8 @@ class UniKD(nn.Module):
         self.akes.eval()
         return self
 
-    def _teacher_side(self, ake: AKE, memory: Tensor, shapes: Tensor, gts: list[dict]) -> tuple[Queries, Tensor, Tensor]:
+    def _teacher_side(self, ake: AKE, memory: Tensor, shapes: Tensor,
+                      gts: list[dict]) -> tuple[Queries, Tensor, Tensor]:
         """Queries, ``z_T`` [B, N, C] and the positive mask [B, N] of one AKE on the teacher (no gradients)."""
         with torch.no_grad():
             if ake.kind == "ct":
