@@ -55,7 +55,8 @@ class Adaptor(nn.Module):
         if self.layers:
             tokens, shapes = flatten_levels(out)
             pos = sine_position_embedding(shapes, tokens.shape[-1], device=tokens.device)
-            pos = pos + torch.repeat_interleave(self.level_embed, shapes.prod(1), dim=0)
+            sizes = shapes.prod(1).to(tokens.device)
+            pos = pos + self.level_embed.repeat_interleave(sizes, dim=0, output_size=tokens.shape[1])
             for layer in self.layers:
                 tokens = layer(tokens, pos, shapes)
             out = unflatten_levels(tokens, shapes)

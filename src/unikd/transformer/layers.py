@@ -14,9 +14,13 @@ from unikd.transformer.msda import MSDeformAttn
 
 
 def flatten_levels(features: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """``[B, C, H_l, W_l]`` per level -> (tokens ``[B, S, C]``, spatial_shapes ``[L, 2]`` int64 ``(H_l, W_l)``)."""
+    """``[B, C, H_l, W_l]`` per level -> (tokens ``[B, S, C]``, spatial_shapes ``[L, 2]`` int64 ``(H_l, W_l)``).
+
+    ``spatial_shapes`` stays on the CPU whatever the tokens' device: the attention reads it as Python ints,
+    which would otherwise cost a device synchronisation per layer.
+    """
     tokens = torch.cat([f.flatten(2).transpose(1, 2) for f in features], dim=1)
-    spatial_shapes = torch.tensor([f.shape[-2:] for f in features], dtype=torch.long, device=tokens.device)
+    spatial_shapes = torch.tensor([f.shape[-2:] for f in features], dtype=torch.long)
     return tokens, spatial_shapes
 
 

@@ -113,7 +113,7 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(B, Q, M, L * P).softmax(-1).view(B, Q, M, L, P)
         ref = reference[:, :, None, :, None]  # [B, Q, 1, L, 1, 2|4]
         if reference.shape[-1] == 2:
-            level_size = spatial_shapes.flip(-1).to(offsets.dtype)  # [L, 2] (W_l, H_l)
+            level_size = spatial_shapes.flip(-1).to(offsets.device, offsets.dtype)  # [L, 2] (W_l, H_l)
             locations = ref + offsets / level_size[:, None]
         else:
             locations = ref[..., :2] + offsets / P * ref[..., 2:] * 0.5
