@@ -16,9 +16,6 @@ class Frozen:
     def __init__(self, module: nn.Module):
         self.module = module.eval().requires_grad_(False)
 
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
 
 def pyramid_image_size(features: list[Tensor], strides: list[int]) -> tuple[int, int]:
     """``(H, W)`` in pixels that the pyramid covers: the padded batch size (level 0 map × its stride)."""
