@@ -15,11 +15,11 @@ from .ake import AKE, KnowledgeExtractors
 from .ake_file import AKEMismatchError, load_ake, save_ake, teacher_fingerprint
 from .box_sampler import sample_query_boxes, sample_query_boxes_batch
 from .fitnet import FitNet, foreground_mask
-from .model import METHODS, DistillationModel, build_distiller
+from .model import DistillationModel, build_distiller
 from .unikd import UniKD, knowledge_distance
 
 __all__ = [
     "AKE", "AKEMismatchError", "AbsorbModel", "Adaptor", "DistillationModel", "FitNet", "KnowledgeExtractors",
-    "METHODS", "UniKD", "build_distiller", "foreground_mask", "knowledge_distance", "load_ake",
+    "UniKD", "build_distiller", "foreground_mask", "knowledge_distance", "load_ake",
     "nearest_levels", "sample_query_boxes", "sample_query_boxes_batch", "save_ake", "teacher_fingerprint",
 ]

@@ -49,7 +49,7 @@ class AbsorbModel(nn.Module):
         b_hat, gt_index = query_boxes(gts, pos.n_queries, self.akes.cfg.alpha, self.akes.cfg.beta)
         queries = pos.queries(memory, shapes, b_hat)
         logits, boxes = pos.predict(pos.extract(queries, memory, shapes), queries)
-        num_pos = float(max(int((gt_index >= 0).sum()), 1))
+        num_pos = float(max(sum(min(len(t["labels"]), pos.n_queries) for t in gts), 1))  # B̂ keeps ≤ N gts
         losses.update({f"pos_{k}": v for k, v in
                        set_loss(logits, boxes, gts, known_assignment(gt_index), num_pos).items()})
         return losses

@@ -4,15 +4,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from unikd.config import ConfigError, DistillConfig
+from unikd.config import DISTILL_METHODS, ConfigError, DistillConfig
 from unikd.detectors import DetectorAdapter
 
 from .ake import KnowledgeExtractors
 from .common import Frozen
 from .fitnet import FitNet
 from .unikd import UniKD
-
-METHODS = ("unikd", "fitnet", "none")
 
 
 def build_distiller(method: str, cfg: DistillConfig, student: DetectorAdapter, teacher: DetectorAdapter,
@@ -27,7 +25,7 @@ def build_distiller(method: str, cfg: DistillConfig, student: DetectorAdapter, t
         return FitNet(*levels, cfg)
     if method == "none":
         return None
-    raise ConfigError(f"distill.method: unknown method '{method}' (choose {', '.join(METHODS)})")
+    raise ConfigError(f"distill.method: unknown method '{method}' (choose {', '.join(DISTILL_METHODS)})")
 
 
 class DistillationModel(nn.Module):
