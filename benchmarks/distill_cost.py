@@ -96,7 +96,7 @@ def peak_memory_mb(variant: str, args, device: torch.device) -> float:
         images, targets = to_device(batch(args.data, 128), device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-        step = step_fn(move(build(variant, 10), device), images, targets)
+        step = step_fn(build(variant, 10).to(device), images, targets)
         for _ in range(2):
             step()
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -109,15 +109,6 @@ def to_device(b, device):
     images, targets = b
     return [im.to(device) for im in images], [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
                                               for t in targets]
-
-
-def move(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``model`` on ``device``, its frozen teacher (held outside the registry) too."""
-    model.to(device)
-    teacher = getattr(model, "teacher", None)
-    if teacher is not None and hasattr(teacher, "module"):
-        teacher.module.to(device)
-    return model
 
 
 def peak_rss_mb() -> float:
@@ -210,7 +201,7 @@ def main() -> None:
     memory = {v: peak_memory_mb(v, args, device) for v in variants()
               if v.split(":")[0] in ("student", "fitnet", "unikd")}
     images, targets = to_device(batch(args.data, 128), device)
-    steps = {v: step_fn(move(build(v, 10), device), images, targets) for v in variants()}
+    steps = {v: step_fn(build(v, 10).to(device), images, targets) for v in variants()}
     for step in steps.values():
         step()  # warm-up
     samples: dict[str, list[float]] = {v: [] for v in steps}

@@ -165,6 +165,9 @@ def test_stage1_trains_only_the_akes_and_predicts_in_pixels(pair):
     for name, p in akes.named_parameters():
         assert p.grad is not None, name
     assert akes.ct.generator.cross_attn.value_proj.weight.grad.abs().sum() > 0
+    model.to(torch.float64)  # the teacher, held outside the registry, follows its owner
+    assert next(teacher.parameters()).dtype == torch.float64 and next(akes.parameters()).dtype == torch.float64
+    model.to(torch.float32)
     dets = model.predict(images)
     assert len(dets) == 2 and dets[0]["boxes"].shape == (36, 4)  # N queries × K classes = 36 < 100
     assert dets[0]["boxes"].min() >= 0 and dets[0]["boxes"].max() <= SIZE

@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.ops import box_convert
 
 from unikd.detectors import DetectorAdapter
 from unikd.transformer import HungarianMatcher, flatten_levels, set_loss
 
 from .ake import KnowledgeExtractors
-from .common import Frozen, known_assignment, normalise_targets, pyramid_image_size, query_boxes
+from .common import Frozen, WithFrozenTeacher, known_assignment, normalise_targets, pyramid_image_size, query_boxes
 
 
-class AbsorbModel(nn.Module):
+class AbsorbModel(WithFrozenTeacher):
     """The trainer's model for stage 1: ``forward(images, targets)`` gives the Eq. 6 losses of both AKEs.
 
     Content queries are matched to the ground truth by the Hungarian matcher; positional queries use the

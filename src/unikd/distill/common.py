@@ -17,6 +17,19 @@ class Frozen:
         self.module = module.eval().requires_grad_(False)
 
 
+class WithFrozenTeacher(nn.Module):
+    """A module whose ``self.teacher`` is a :class:`Frozen` (or None) that still follows ``.to()``,
+    ``.cuda()``, ``.double()``... of its owner, as a registered submodule would."""
+
+    teacher: Frozen | None
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self.teacher is not None:
+            self.teacher.module._apply(fn, recurse)
+        return self
+
+
 def pyramid_image_size(features: list[Tensor], strides: list[int]) -> tuple[int, int]:
     """``(H, W)`` in pixels that the pyramid covers: the padded batch size (level 0 map × its stride)."""
     h, w = features[0].shape[-2:]

@@ -8,7 +8,7 @@ from unikd.config import DISTILL_METHODS, ConfigError, DistillConfig
 from unikd.detectors import DetectorAdapter
 
 from .ake import KnowledgeExtractors
-from .common import Frozen
+from .common import Frozen, WithFrozenTeacher
 from .fitnet import FitNet
 from .unikd import UniKD
 
@@ -28,7 +28,7 @@ def build_distiller(method: str, cfg: DistillConfig, student: DetectorAdapter, t
     raise ConfigError(f"distill.method: unknown method '{method}' (choose {', '.join(DISTILL_METHODS)})")
 
 
-class DistillationModel(nn.Module):
+class DistillationModel(WithFrozenTeacher):
     """``forward(images, targets)`` = the student's detection losses + the distiller's losses.
 
     The teacher is held frozen outside the module registry (its weights are in no checkpoint and receive no
