@@ -6,7 +6,7 @@ alone, with FitNet and with UniKD from each family's R50 teacher, and the cost o
 Step times are measured in one process, the variants interleaved round by round on the same batch of 8
 digits-det images; each ratio divides the median step time of a variant by that of the plain student step.
 Peak memory: on a GPU, ``torch.cuda.max_memory_allocated``; on a CPU, the peak resident set size of a fresh
-process that runs only that variant (``--variant``), which includes the ~0.4 GB of the Python runtime and
+process that runs only that variant (``--variant``), which includes the Python runtime and
 libraries. Stage 1: the AKE pretraining step against the teacher's own training step in the same process,
 and the fraction of the teacher's training time that the runs of ``benchmarks/distillation.py`` measured.
 Weights are freshly initialised: the cost does not depend on their values.
@@ -151,7 +151,7 @@ def write(args, times: dict[str, float], memory: dict[str, float], device: torch
         "configs; AKEs: `configs/digits/ake.yaml`. Step = forward + backward + AdamW step; median of "
         f"{args.rounds} interleaved rounds of {args.steps} steps. Peak memory: "
         + ("`torch.cuda.max_memory_allocated`." if device.type == "cuda" else
-           "peak RSS of a fresh process running only that variant (includes ~0.4 GB of runtime)."),
+           "peak RSS of a fresh process running only that variant (includes the Python runtime and libraries)."),
         "",
         "| teacher (R50) | student step (s) | FitNet step / student | UniKD step / student | UniKD / FitNet | "
         "peak MB: student / FitNet / UniKD |",
