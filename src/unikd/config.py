@@ -14,8 +14,10 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration file or override that does not fit the schema."""
 
 
@@ -100,8 +102,12 @@ class DistillConfig:
     queries: str = "both"  # both | content | positional (UniKD's distillation terms)
     lambda_ct: float = 10.0  # λ1, weight of D(z_ct_S, z_ct_T)
     lambda_pos: float = 10.0  # λ2, weight of D(z_pos_S, z_pos_T)
-    adaptor_layers: int = 2  # deformable self-attention layers in the adaptor φ (0 = projection only)
-    fitnet_weight: float = 1.0  # weight of FitNet's relative foreground feature error (method fitnet)
+    # Deformable self-attention layers in the adaptor φ (0 = projection only); unset: the method's own
+    # (UniKD 2, FitNet 1, as in the paper).
+    adaptor_layers: int | None = None
+    adaptor_heads: int = 8
+    adaptor_points: int = 4  # sampling points per head per level
+    fitnet_weight: float = 1.0  # weight of FitNet's foreground feature MSE (method fitnet)
 
 
 @dataclass

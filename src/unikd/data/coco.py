@@ -19,6 +19,8 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from ..errors import UserError
+
 log = logging.getLogger(__name__)
 
 REQUIRED_KEYS = {
@@ -28,7 +30,7 @@ REQUIRED_KEYS = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A COCO-format dataset that cannot be used as it is; the message names the file or annotation id."""
 
 

@@ -1,0 +1,12 @@
+"""The one base class of the errors a user can fix.
+
+A :class:`UserError` means bad input: a config key or value, a dataset, a file that is not what it should
+be, a teacher or AKE file that does not fit the job. Its message names the key or the file and says what is
+wrong. The command line prints it as one line (``unikd: error: ...``, exit status 2); any other exception is
+a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error the user can fix (bad input, config, file); the CLI prints it as one line."""
