@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from . import config as C
+from .errors import UserError
 
 
 def add_common_training_flags(p: argparse.ArgumentParser) -> None:
@@ -37,6 +38,11 @@ def _resume_path(args) -> Path | None:
     if args.resume is None:
         return None
     return Path(args.resume) if args.resume else Path(args.out) / "last.pt"
+
+
+def _one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line (a YAML parser's error, for one, spans several)."""
+    return " ".join(str(err).split())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(metrics))
         elif args.command == "demo":
             jobs.demo(args.out, args.data, quick=args.quick)
-    except (C.ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"unikd: error: {err}", file=sys.stderr)
+    except (UserError, FileNotFoundError) as err:  # the user's to fix: one line; anything else is a bug
+        print(f"unikd: error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

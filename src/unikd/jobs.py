@@ -17,6 +17,7 @@ from .distill import (AbsorbModel, DistillationModel, KnowledgeExtractors, build
                       teacher_fingerprint)
 from .engine.checkpoint import load_checkpoint, save_atomic
 from .engine.trainer import Trainer
+from .errors import UserError
 from .evaluation import evaluate_detector
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def _datasets(cfg: C.ExperimentConfig) -> tuple[CocoDetection, CocoDetection]:
     train = CocoDetection(d.root, d.train_split, d.size, hflip=d.hflip, seed=cfg.train.seed)
     val = CocoDetection(d.root, d.val_split, d.size)
     if train.category_ids != val.category_ids:
-        raise ValueError(f"{d.root}: the '{d.train_split}' and '{d.val_split}' splits have different categories")
+        raise UserError(f"{d.root}: the '{d.train_split}' and '{d.val_split}' splits have different categories")
     return train, val
 
 
@@ -92,11 +93,11 @@ def _load_teacher(checkpoint: str | Path, cfg: C.ExperimentConfig, train_set: Co
     """The teacher of a distillation job, checked against the job's data. Returns ``(teacher, config, ckpt)``."""
     teacher, tcfg, ckpt = load_detector(checkpoint, device, with_checkpoint=True)
     if ckpt["meta"]["category_ids"] != train_set.category_ids:
-        raise ValueError(f"teacher {checkpoint} was trained on categories {ckpt['meta']['category_ids']}, "
-                         f"the data has {train_set.category_ids}")
+        raise UserError(f"teacher {checkpoint} was trained on categories {ckpt['meta']['category_ids']}, "
+                        f"the data has {train_set.category_ids}")
     if tcfg.data.size != cfg.data.size:
-        raise ValueError(f"teacher {checkpoint} was trained at data.size={tcfg.data.size}, this job uses "
-                         f"data.size={cfg.data.size}: they must be equal (the teacher's transform would rescale)")
+        raise UserError(f"teacher {checkpoint} was trained at data.size={tcfg.data.size}, this job uses "
+                        f"data.size={cfg.data.size}: they must be equal (the teacher's transform would rescale)")
     return teacher, tcfg, ckpt
 
 
@@ -137,7 +138,7 @@ def distill(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, out_dir: st
     akes = None
     if cfg.distill.method == "unikd":
         if ake_path is None:
-            raise ValueError("--method unikd needs --ake (the output of 'unikd pretrain-ake')")
+            raise UserError("--method unikd needs --ake (the output of 'unikd pretrain-ake')")
         akes, _ = load_ake(ake_path, fingerprint)
     distiller = build_distiller(cfg.distill.method, cfg.distill, student, teacher, akes)
     model = DistillationModel(student, teacher if distiller is not None else None, distiller)

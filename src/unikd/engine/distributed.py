@@ -6,6 +6,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from ..errors import UserError
+
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -31,9 +33,12 @@ def init_from_env(device: str = "auto") -> torch.device:
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"device '{device}' is not a device (auto, cpu, cuda or cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device '{device}' was asked for but CUDA is not available")
+        raise UserError(f"device '{device}' was asked for but CUDA is not available")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_dist():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if dev.type == "cuda":
@@ -72,3 +77,13 @@ def sync_buffers(module: torch.nn.Module) -> None:
     if is_dist():
         for buf in module.buffers():
             dist.broadcast(buf, 0)
+
+
+def mean_over_ranks(value: float, device: torch.device | str) -> torch.Tensor:
+    """``value`` averaged over all ranks, as a scalar tensor on ``device`` (``value`` itself outside DDP); at
+    least 1, as a loss normaliser (DETR's ``num_boxes``)."""
+    out = torch.tensor(float(value), device=device)
+    if is_dist():
+        dist.all_reduce(out)
+        out = out / world_size()
+    return out.clamp(min=1)

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
+from ..errors import UserError
 from . import distributed as D
 from .checkpoint import load_checkpoint, save_checkpoint
 from .progress import progress
@@ -113,10 +114,11 @@ class Trainer:
         elif cfg.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
-            raise ValueError(f"train.optimizer: unknown optimizer '{cfg.optimizer}' (choose sgd or adamw)")
+            raise ConfigError(f"train.optimizer: unknown optimizer '{cfg.optimizer}' (choose sgd or adamw)")
         self.iters_per_epoch = len(self._loader(0))
         if self.iters_per_epoch == 0:
-            raise ValueError("the training set gives no batch: it is empty")
+            source = getattr(self.dataset, "ann_file", None)
+            raise UserError(f"the training set{f' ({source})' if source else ''} gives no batch: it is empty")
         self.total_iters = cfg.epochs * self.iters_per_epoch
         self.scheduler = build_scheduler(self.optimizer, self.total_iters, cfg)
         self.amp = cfg.amp and self.device.type == "cuda"
