@@ -102,12 +102,8 @@ class DistillConfig:
     queries: str = "both"  # both | content | positional (UniKD's distillation terms)
     lambda_ct: float = 10.0  # λ1, weight of D(z_ct_S, z_ct_T)
     lambda_pos: float = 10.0  # λ2, weight of D(z_pos_S, z_pos_T)
-    # Deformable self-attention layers in the adaptor φ (0 = projection only); unset: the method's own
-    # (UniKD 2, FitNet 1, as in the paper).
-    adaptor_layers: int | None = None
-    adaptor_heads: int = 8
-    adaptor_points: int = 4  # sampling points per head per level
-    fitnet_weight: float = 1.0  # weight of FitNet's foreground feature MSE (method fitnet)
+    adaptor_layers: int = 2  # deformable self-attention layers in the adaptor φ (0 = projection only)
+    fitnet_weight: float = 1.0  # weight of FitNet's relative foreground feature error (method fitnet)
 
 
 @dataclass
