@@ -65,8 +65,11 @@ def test_registry_lists_the_three_families():
 def test_forward_returns_losses_and_features_of_the_same_pass(detector):
     images, targets = batch()
     calls, handle = count_calls(detector.model.backbone)
-    losses, features = detector(images, targets)
+    losses, pyramid = detector(images, targets)
     handle.remove()
+    features = pyramid.levels
+    assert pyramid.strides == detector.feature_strides
+    assert pyramid.image_sizes == [tuple(image.shape[-2:]) for image in images]
 
     assert len(calls) == 1, "the backbone must run exactly once per training forward"
     assert set(losses) == LOSS_KEYS[detector.family]
@@ -80,7 +83,8 @@ def test_forward_returns_losses_and_features_of_the_same_pass(detector):
     assert any(g.abs().sum() > 0 for g in grads)
 
     separate = detector.extract_features(images)
-    for f, s in zip(features, separate):
+    assert separate.image_sizes == pyramid.image_sizes
+    for f, s in zip(features, separate.levels):
         torch.testing.assert_close(f, s, atol=1e-5, rtol=1e-5)
 
 
@@ -203,3 +207,9 @@ def test_retinanet_has_torchvisions_v2_head():
     detector = build_detector(tiny_config("retinanet"), NUM_CLASSES, SIZE)
     assert sum(isinstance(m, torch.nn.GroupNorm) for m in detector.model.head.modules()) == 8
     assert detector.model.head.regression_head._loss_type == "giou"
+
+
+def test_a_transform_that_rescales_is_refused(detector):
+    small = [torch.rand(3, 32, 32)]  # longer side below SIZE: torchvision's transform would upscale it
+    with pytest.raises(ValueError, match="resized"):
+        detector.extract_features(small)

@@ -91,19 +91,20 @@ class AKEConfig:
     beta: float = 0.4  # a background query box has IoU < beta with every ground truth
 
 
-DISTILL_METHODS = ("unikd", "fitnet", "none")
-
-
 @dataclass
 class DistillConfig:
     """Stage 2 (``unikd distill``): which knowledge the student learns and how strongly."""
 
-    method: str = "unikd"  # one of DISTILL_METHODS
+    method: str = "unikd"  # a registered method (unikd.distill.METHODS) or none
     queries: str = "both"  # both | content | positional (UniKD's distillation terms)
     lambda_ct: float = 10.0  # λ1, weight of D(z_ct_S, z_ct_T)
     lambda_pos: float = 10.0  # λ2, weight of D(z_pos_S, z_pos_T)
-    adaptor_layers: int = 2  # deformable self-attention layers in the adaptor φ (0 = projection only)
-    fitnet_weight: float = 1.0  # weight of FitNet's relative foreground feature error (method fitnet)
+    # Deformable self-attention layers in the adaptor φ (0 = projection only); unset: the method's own
+    # (UniKD 2, FitNet 1, as in the paper).
+    adaptor_layers: int | None = None
+    adaptor_heads: int = 8
+    adaptor_points: int = 4  # sampling points per head per level
+    fitnet_weight: float = 1.0  # weight of FitNet's foreground feature MSE (method fitnet)
 
 
 @dataclass

@@ -13,8 +13,9 @@ from . import config as C
 from .data import CocoDetection, build_digits_det, collate
 from .detectors import build_detector
 from .engine import distributed as D
-from .distill import (AbsorbModel, DistillationModel, KnowledgeExtractors, build_distiller, load_ake, save_ake,
-                      teacher_fingerprint)
+from .distill import (AbsorbModel, DistillationModel, KnowledgeExtractors, build_distiller, load_ake,
+                      measure_teacher_rms, method_class, save_ake, teacher_fingerprint)
+from .distill.teacher_scale import RMS_IMAGES
 from .engine.checkpoint import load_checkpoint, save_atomic
 from .engine.trainer import Trainer
 from .errors import UserError
@@ -101,6 +102,14 @@ def _load_teacher(checkpoint: str | Path, cfg: C.ExperimentConfig, train_set: Co
     return teacher, tcfg, ckpt
 
 
+def _teacher_rms(teacher, train_set: CocoDetection, cfg: C.ExperimentConfig, device) -> torch.Tensor:
+    """The teacher's fixed per-level scale (:func:`unikd.distill.measure_teacher_rms`), logged."""
+    rms = measure_teacher_rms(teacher, train_set, collate, device, batch_size=cfg.data.batch_size)
+    log.info("teacher RMS per level over %d training images: %s", min(len(train_set), RMS_IMAGES),
+             " / ".join(f"{v:.3g}" for v in rms.tolist()))
+    return rms
+
+
 def pretrain_ake(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, out_dir: str | Path,
                  resume: str | Path | None = None) -> dict:
     """Stage 1: train ``AKE_ct`` and ``AKE_pos`` on the frozen teacher's features; write ``OUT/ake.safetensors``
@@ -111,10 +120,12 @@ def pretrain_ake(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, out_di
     fingerprint = teacher_fingerprint(teacher, tcfg.model)
     akes = KnowledgeExtractors(cfg.ake, len(teacher.feature_strides), teacher.feature_channels[0],
                                train_set.num_classes)
+    akes.teacher_rms.copy_(_teacher_rms(teacher, train_set, cfg, device))
     trainer, metrics = _fit(cfg, AbsorbModel(teacher, akes), train_set, val_set, device, out_dir, resume,
                             meta={"teacher": fingerprint})
     seconds, teacher_seconds = trainer.state.train_seconds, tckpt["train_state"]["train_seconds"]
-    report = {"ake_val": metrics, "teacher": str(teacher_checkpoint), "ake_train_seconds": seconds,
+    report = {"ake_val": metrics, "teacher": str(teacher_checkpoint), "teacher_rms": akes.teacher_rms.tolist(),
+              "ake_train_seconds": seconds,
               "teacher_train_seconds": teacher_seconds,
               "fraction_of_teacher_training": seconds / teacher_seconds if teacher_seconds else None}
     if D.is_main():
@@ -135,12 +146,15 @@ def distill(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, out_dir: st
     student = build_detector(cfg.model, train_set.num_classes, cfg.data.size)
     teacher, tcfg, _ = _load_teacher(teacher_checkpoint, cfg, train_set, device)
     fingerprint = teacher_fingerprint(teacher, tcfg.model)
-    akes = None
-    if cfg.distill.method == "unikd":
+    method = method_class(cfg.distill.method)
+    akes = teacher_rms = None
+    if method is not None and method.needs_akes:
         if ake_path is None:
-            raise UserError("--method unikd needs --ake (the output of 'unikd pretrain-ake')")
+            raise UserError(f"--method {method.method} needs --ake (the output of 'unikd pretrain-ake')")
         akes, _ = load_ake(ake_path, fingerprint)
-    distiller = build_distiller(cfg.distill.method, cfg.distill, student, teacher, akes)
+    elif method is not None:
+        teacher_rms = _teacher_rms(teacher, train_set, cfg, device)
+    distiller = build_distiller(cfg.distill.method, cfg.distill, student, teacher, teacher_rms, akes)
     model = DistillationModel(student, teacher if distiller is not None else None, distiller)
     trainer, metrics = _fit(cfg, model, train_set, val_set, device, out_dir, resume, meta={"teacher": fingerprint},
                             evaluated=lambda m: m.student)

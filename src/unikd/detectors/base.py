@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from unikd.config import ConfigError, DetectorConfig
+from unikd.pyramid import Pyramid
 
 
 class DetectorAdapter(nn.Module):
@@ -43,7 +44,7 @@ class DetectorAdapter(nn.Module):
         """The torchvision detector for this family (implemented by each subclass)."""
         raise NotImplementedError
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], list[Tensor]]:
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], Pyramid]:
         """One training pass: the detector's losses and the FPN features it computed on the way.
 
         Args:
@@ -51,25 +52,38 @@ class DetectorAdapter(nn.Module):
             targets: B dicts with ``"boxes"`` float ``[n, 4]`` (xyxy, image pixels) and ``"labels"`` int64
                 ``[n]`` in ``0..num_classes-1``.
         Returns:
-            ``(losses, features)``: scalar loss tensors by name, and one ``[B, C, H_l, W_l]`` map per level in
-            ``feature_strides`` order, ``C = feature_channels[l]``, ``H_l = ceil(H_pad / stride_l)`` where
-            ``H_pad`` is the batch height padded to a multiple of 32; taken from the backbone call of this pass.
+            ``(losses, features)``: scalar loss tensors by name, and the :class:`~unikd.pyramid.Pyramid` of this
+            pass: one ``[B, C, H_l, W_l]`` map per level in ``feature_strides`` order,
+            ``C = feature_channels[l]``, ``H_l = ceil(H_pad / stride_l)`` where ``H_pad`` is the batch height
+            padded to a multiple of 32, taken from the backbone call of this pass, with each image's size.
         """
         if not self.training:
             raise RuntimeError(f"{type(self).__name__}.forward computes losses and needs train mode; use predict()")
-        captured: list[dict[str, Tensor]] = []
-        hook = self.model.backbone.register_forward_hook(lambda _module, _inputs, output: captured.append(output))
+        captured: list = []
+        hooks = [self.model.transform.register_forward_hook(lambda _m, _i, output: captured.append(output[0])),
+                 self.model.backbone.register_forward_hook(lambda _m, _i, output: captured.append(output))]
         try:
             losses = self.model(images, [self._to_model_labels(t) for t in targets])
         finally:
-            hook.remove()
-        (features,) = captured
-        return losses, list(features.values())
+            for hook in hooks:
+                hook.remove()
+        batch, features = captured
+        return losses, self._pyramid(images, batch.image_sizes, features)
 
-    def extract_features(self, images: list[Tensor]) -> list[Tensor]:
-        """Transform + backbone only: one ``[B, C, H_l, W_l]`` map per level, as in :meth:`forward`."""
+    def extract_features(self, images: list[Tensor]) -> Pyramid:
+        """Transform + backbone only: the :class:`~unikd.pyramid.Pyramid` of ``images``, as in :meth:`forward`."""
         batch, _ = self.model.transform(images)
-        return list(self.model.backbone(batch.tensors).values())
+        return self._pyramid(images, batch.image_sizes, self.model.backbone(batch.tensors))
+
+    def _pyramid(self, images: list[Tensor], image_sizes: list[tuple[int, int]], features: dict) -> Pyramid:
+        """The backbone's maps with each image's size, checked to be the input's: the transform must only
+        normalise and pad (targets and the distillers work in input pixels)."""
+        sizes = [tuple(image.shape[-2:]) for image in images]
+        if [tuple(s) for s in image_sizes] != sizes:
+            raise ValueError(f"{type(self).__name__}: the transform resized the images ({sizes} -> "
+                             f"{list(image_sizes)}); images must come with their longer side at the detector's "
+                             "image size, as the data loader makes them")
+        return Pyramid(list(features.values()), list(self.feature_strides), sizes)
 
     @torch.no_grad()
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:

@@ -6,18 +6,21 @@ from torch import Tensor
 from torchvision.ops import box_convert
 
 from unikd.detectors import DetectorAdapter
-from unikd.transformer import HungarianMatcher, flatten_levels, set_loss
+from unikd.engine import distributed as D
+from unikd.pyramid import Pyramid
+from unikd.transformer import HungarianMatcher, set_loss
 
 from .ake import KnowledgeExtractors
-from .common import Frozen, WithFrozenTeacher, known_assignment, normalise_targets, pyramid_image_size, query_boxes
+from .common import Frozen, WithFrozenTeacher, known_assignment, normalise_targets, query_boxes
 
 
 class AbsorbModel(WithFrozenTeacher):
     """The trainer's model for stage 1: ``forward(images, targets)`` gives the Eq. 6 losses of both AKEs.
 
     Content queries are matched to the ground truth by the Hungarian matcher; positional queries use the
-    known assignment of ``B̂`` (jittered box ``i`` ↔ its ground truth). ``predict`` gives the content AKE's
-    own detections (the AKE mAP of the paper's Tab. 6f).
+    known assignment of ``B̂`` (jittered box ``i`` ↔ its ground truth). Each loss is normalised by the number
+    of boxes averaged over the DDP ranks, as DETR does. ``predict`` gives the content AKE's own detections
+    (the AKE mAP of the paper's Tab. 6f).
     """
 
     def __init__(self, teacher: DetectorAdapter, akes: KnowledgeExtractors, detections_per_img: int = 100):
@@ -27,29 +30,29 @@ class AbsorbModel(WithFrozenTeacher):
         self.matcher = HungarianMatcher()
         self.detections_per_img = detections_per_img
 
-    def _teacher_memory(self, images: list[Tensor]) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    def _teacher(self, images: list[Tensor]) -> Pyramid:
         with torch.no_grad():
-            features = self.teacher.module.extract_features(images)
-        memory, shapes = flatten_levels(features)
-        return memory, shapes, pyramid_image_size(features, self.teacher.module.feature_strides)
+            return self.teacher.module.extract_features(images)
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        memory, shapes, size = self._teacher_memory(images)
-        gts = normalise_targets(targets, size)
-        num_boxes = float(max(sum(len(t["labels"]) for t in gts), 1))
+        teacher = self._teacher(images)
+        memory = self.akes.teacher_memory(teacher)
+        gts = normalise_targets(targets, teacher.image_sizes)
+        device = memory.tokens.device
         losses = {}
 
         ct = self.akes.ct
-        queries = ct.queries(memory, shapes)
-        logits, boxes = ct.predict(ct.extract(queries, memory, shapes), queries)
+        queries = ct.queries(memory)
+        logits, boxes = ct.predict(ct.extract(queries, memory), queries)
         indices = self.matcher(logits, boxes, gts)
+        num_boxes = D.mean_over_ranks(sum(len(t["labels"]) for t in gts), device)
         losses.update({f"ct_{k}": v for k, v in set_loss(logits, boxes, gts, indices, num_boxes).items()})
 
         pos = self.akes.pos
         b_hat, gt_index = query_boxes(gts, pos.n_queries, self.akes.cfg.alpha, self.akes.cfg.beta)
-        queries = pos.queries(memory, shapes, b_hat)
-        logits, boxes = pos.predict(pos.extract(queries, memory, shapes), queries)
-        num_pos = float(max(sum(min(len(t["labels"]), pos.n_queries) for t in gts), 1))  # B̂ keeps ≤ N gts
+        queries = pos.queries(memory, b_hat)
+        logits, boxes = pos.predict(pos.extract(queries, memory), queries)
+        num_pos = D.mean_over_ranks(sum(min(len(t["labels"]), pos.n_queries) for t in gts), device)  # B̂ keeps ≤ N
         losses.update({f"pos_{k}": v for k, v in
                        set_loss(logits, boxes, gts, known_assignment(gt_index), num_pos).items()})
         return losses
@@ -58,15 +61,16 @@ class AbsorbModel(WithFrozenTeacher):
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Detections of the content AKE's FFN head: per image the top ``detections_per_img`` (query, class)
         scores, boxes xyxy in input pixels (clipped to the image), labels ``0..K-1``."""
-        memory, shapes, (h, w) = self._teacher_memory(images)
+        teacher = self._teacher(images)
+        memory = self.akes.teacher_memory(teacher)
         ct = self.akes.ct
-        queries = ct.queries(memory, shapes)
-        logits, boxes = ct.predict(ct.extract(queries, memory, shapes), queries)
+        queries = ct.queries(memory)
+        logits, boxes = ct.predict(ct.extract(queries, memory), queries)
         num_classes = logits.shape[-1]
         k = min(self.detections_per_img, logits.shape[1] * num_classes)
         scores, flat = logits.sigmoid().flatten(1).topk(k, dim=1)
         query, labels = flat // num_classes, flat % num_classes
-        xyxy = box_convert(boxes, "cxcywh", "xyxy").clamp(0, 1) * boxes.new_tensor([w, h, w, h])
+        scale = boxes.new_tensor([[w, h, w, h] for h, w in teacher.image_sizes])[:, None]  # [B, 1, 4]
+        xyxy = box_convert(boxes, "cxcywh", "xyxy").clamp(0, 1) * scale
         picked = torch.gather(xyxy, 1, query.unsqueeze(-1).expand(-1, -1, 4))
         return [{"boxes": b, "scores": s, "labels": l} for b, s, l in zip(picked, scores, labels)]
-

@@ -2,24 +2,23 @@
 
 For each teacher level, the student level of nearest stride (in log scale) is taken and linearly projected
 to the teacher's channels; then ``layers`` deformable self-attention (encoder) layers run over the tokens of
-all levels at once. A level keeps the student's spatial size: the AKE's deformable attention samples in
-normalised coordinates, so the sizes need not match the teacher's. Trained with the student, discarded at
-inference.
+all levels at once, with each image's own positions, valid ratios and padding mask; each level ends in an
+affine layer norm. A level keeps the student's spatial size and stride: the AKE's deformable attention finds
+points by each level's valid ratio, so the sizes need not match the teacher's. Trained with the student,
+discarded at inference.
 
-The output is in the teacher's units: every token is layer-normalised and each level multiplied by the root
-mean square of the teacher's level in the same batch (a constant, no gradient). FPN outputs of detectors
-trained from scratch differ in scale by two orders of magnitude (digits-det R50 teachers: RMS 6 to 540), more
-than a learnt projection can bridge in a short schedule, and the frozen AKEs read the teacher's scale.
+The output has the unit scale of the teacher as the AKEs and FitNet read it (the teacher divided by its fixed
+per-level RMS, :mod:`unikd.distill.teacher_scale`): φ needs nothing from the teacher at run time.
 """
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unikd.transformer import DeformableEncoderLayer, flatten_levels, sine_position_embedding, unflatten_levels
+from unikd.pyramid import Pyramid
+from unikd.transformer import DeformableEncoderLayer, sine_position_embedding, unflatten_levels
 
 
 def nearest_levels(source_strides: list[int], target_strides: list[int]) -> list[int]:
@@ -46,20 +45,21 @@ class Adaptor(nn.Module):
         heads = math.gcd(n_heads, c)
         self.layers = nn.ModuleList(DeformableEncoderLayer(c, n_levels, heads, n_points, 4 * c) for _ in range(layers))
         self.level_embed = nn.Parameter(torch.randn(n_levels, c)) if layers else None
+        self.norms = nn.ModuleList(nn.LayerNorm(c) for c in teacher_channels)
 
-    def forward(self, student_features: list[Tensor], teacher_features: list[Tensor]) -> list[Tensor]:
-        """``student_features``: one [B, C_S_l, H_l, W_l] per student level; ``teacher_features``: one
-        [B, C_T_k, H_k, W_k] per teacher level (only their scale is used). Returns one [B, C_T_k, H, W] per
-        teacher level ``k`` (H, W those of the student level mapped to it)."""
-        out = [proj(student_features[s]) for s, proj in zip(self.source, self.proj)]
+    def forward(self, student: Pyramid) -> Pyramid:
+        """``student``: one ``[B, C_S_l, H_l, W_l]`` map per student level. Returns one ``[B, C_T_k, H, W]`` map
+        per teacher level ``k`` (``H, W`` and the stride those of the student level mapped to it)."""
+        adapted = student.with_levels([proj(student.levels[s]) for s, proj in zip(self.source, self.proj)],
+                                      [student.strides[s] for s in self.source])
+        out = adapted.levels
         if self.layers:
-            tokens, shapes = flatten_levels(out)
-            pos = sine_position_embedding(shapes, tokens.shape[-1], device=tokens.device)
+            memory = adapted.memory()
+            tokens, shapes = memory.tokens, memory.spatial_shapes
+            pos = sine_position_embedding(shapes, tokens.shape[-1], tokens.device, memory.valid_ratios)
             sizes = shapes.prod(1).to(tokens.device)
             pos = pos + self.level_embed.repeat_interleave(sizes, dim=0, output_size=tokens.shape[1])
             for layer in self.layers:
-                tokens = layer(tokens, pos, shapes)
+                tokens = layer(tokens, pos, shapes, memory.padding_mask, memory.valid_ratios)
             out = unflatten_levels(tokens, shapes)
-        scales = [f.detach().pow(2).mean().sqrt() for f in teacher_features]
-        return [F.layer_norm(level.movedim(1, -1), level.shape[1:2]).movedim(-1, 1) * scale
-                for level, scale in zip(out, scales)]
+        return adapted.with_levels([norm(level.movedim(1, -1)).movedim(-1, 1) for level, norm in zip(out, self.norms)])

@@ -7,7 +7,13 @@ An AKE turns a multi-scale feature pyramid into N knowledge embeddings ``z`` (Eq
 
 The query generator always reads the teacher pyramid ``F_T``; the knowledge extractor ``f_e`` reads either
 ``F_T`` or the adapted student pyramid ``φ(F_S)``. An FFN head on ``z`` predicts classes and boxes (stage 1,
-and the positives of stage 2). Boxes are normalised ``(cx, cy, w, h)`` over the padded batch image.
+and the positives of stage 2). Boxes and reference points are normalised ``(cx, cy, w, h)`` / ``(x, y)`` over
+each image's own size (:mod:`unikd.pyramid`); the memory's valid ratios place them on every level, and its
+padding mask keeps padded cells out of the attention.
+
+The AKEs read the teacher in fixed units: each level divided by ``teacher_rms``, the teacher's root mean square
+on that level over the training set (measured once before stage 1, stored with the AKE weights). A batch's own
+statistics never enter.
 """
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from unikd.config import AKEConfig
-from unikd.transformer import DeformableDecoderLayer
+from unikd.pyramid import Pyramid
+from unikd.transformer import DeformableDecoderLayer, Memory
 
 
 @dataclass
@@ -80,10 +87,10 @@ class AKE(nn.Module):
         self.extractor = nn.ModuleList(layer() for _ in range(cfg.extractor_layers))  # f_e
         self.head = BoxHead(c, num_classes)
 
-    def queries(self, memory: Tensor, spatial_shapes: Tensor, boxes: Tensor | None = None) -> Queries:
-        """The query generator on the teacher: ``memory`` [B, S, C_T] (flattened ``F_T``), ``spatial_shapes``
-        [L, 2]; ``boxes`` [B, N, 4] cxcywh (``B̂``, positional AKE only)."""
-        batch = memory.shape[0]
+    def queries(self, memory: Memory, boxes: Tensor | None = None) -> Queries:
+        """The query generator on the teacher's ``memory`` (tokens ``[B, S, C_T]``); ``boxes`` ``[B, N, 4]``
+        cxcywh (``B̂``, positional AKE only)."""
+        batch = memory.tokens.shape[0]
         if self.kind == "ct":
             tgt = self.embedding.unsqueeze(0).expand(batch, -1, -1)
             reference = self.reference_point(tgt).sigmoid()
@@ -91,14 +98,20 @@ class AKE(nn.Module):
             if boxes is None or boxes.shape[:2] != (batch, self.n_queries):
                 raise ValueError(f"the positional AKE needs query boxes [{batch}, {self.n_queries}, 4]")
             tgt, reference = self.box_embed(boxes), boxes
-        return Queries(self.generator(tgt, None, reference, memory, spatial_shapes), reference)
+        return Queries(self._decode(self.generator, tgt, reference, memory), reference)
 
-    def extract(self, queries: Queries, memory: Tensor, spatial_shapes: Tensor) -> Tensor:
-        """``f_e``: knowledge embeddings ``z`` [B, N, C] of ``queries`` read out of ``memory`` [B, S, C_T]."""
+    def extract(self, queries: Queries, memory: Memory) -> Tensor:
+        """``f_e``: knowledge embeddings ``z`` [B, N, C] of ``queries`` read out of ``memory`` (``F_T`` or
+        ``φ(F_S)``)."""
         z = queries.q
         for layer in self.extractor:
-            z = layer(z, None, queries.reference, memory, spatial_shapes)
+            z = self._decode(layer, z, queries.reference, memory)
         return z
+
+    @staticmethod
+    def _decode(layer: DeformableDecoderLayer, tgt: Tensor, reference: Tensor, memory: Memory) -> Tensor:
+        return layer(tgt, None, memory.level_reference(reference), memory.tokens, memory.spatial_shapes,
+                     memory.padding_mask)
 
     def predict(self, z: Tensor, queries: Queries) -> tuple[Tensor, Tensor]:
         """The FFN head: logits [B, N, K] and boxes [B, N, 4] (normalised cxcywh)."""
@@ -106,10 +119,16 @@ class AKE(nn.Module):
 
 
 class KnowledgeExtractors(nn.Module):
-    """``AKE_ct`` and ``AKE_pos``: what stage 1 trains and stage 2 freezes (no weights shared)."""
+    """``AKE_ct`` and ``AKE_pos`` (no weights shared): what stage 1 trains and stage 2 freezes, with
+    ``teacher_rms`` ``[L]``, the fixed per-level scale of the teacher they read."""
 
     def __init__(self, cfg: AKEConfig, n_levels: int, in_channels: int, num_classes: int):
         super().__init__()
         self.cfg = cfg
         self.ct = AKE("ct", cfg, n_levels, in_channels, num_classes)
         self.pos = AKE("pos", cfg, n_levels, in_channels, num_classes)
+        self.register_buffer("teacher_rms", torch.ones(n_levels))
+
+    def teacher_memory(self, teacher: Pyramid) -> Memory:
+        """``F_T`` as the AKEs read it: every level divided by its ``teacher_rms``."""
+        return teacher.scaled(self.teacher_rms).memory()

@@ -12,12 +12,13 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from unikd import config as C
+from unikd.errors import UserError
 from unikd.detectors import DetectorAdapter
 
 from .ake import KnowledgeExtractors
 
 
-class AKEMismatchError(ValueError):
+class AKEMismatchError(UserError, ValueError):
     """The AKE file was trained for a different teacher (or is not an AKE file)."""
 
 

@@ -30,27 +30,21 @@ class WithFrozenTeacher(nn.Module):
         return self
 
 
-def pyramid_image_size(features: list[Tensor], strides: list[int]) -> tuple[int, int]:
-    """``(H, W)`` in pixels that the pyramid covers: the padded batch size (level 0 map × its stride)."""
-    h, w = features[0].shape[-2:]
-    return h * strides[0], w * strides[0]
-
-
-def normalise_targets(targets: list[dict[str, Tensor]], size: tuple[int, int]) -> list[dict[str, Tensor]]:
-    """Targets with ``"boxes"`` as normalised cxcywh over ``size`` (the matcher's and the FFN head's frame)
-    and ``"boxes_xyxy"`` normalised xyxy; ``"labels"`` unchanged."""
-    h, w = size
-    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+def normalise_targets(targets: list[dict[str, Tensor]],
+                      image_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+    """Targets with ``"boxes"`` as cxcywh normalised over each image's own ``(h, w)`` (the matcher's and the
+    FFN head's frame) and ``"boxes_xyxy"`` normalised xyxy; ``"labels"`` unchanged."""
     out = []
-    for t in targets:
-        xyxy = (t["boxes"].float() / scale.to(t["boxes"].device)).clamp(0, 1)
+    for t, (h, w) in zip(targets, image_sizes):
+        xyxy = (t["boxes"].float() / t["boxes"].new_tensor([w, h, w, h], dtype=torch.float32)).clamp(0, 1)
         out.append({"labels": t["labels"], "boxes": box_convert(xyxy, "xyxy", "cxcywh"), "boxes_xyxy": xyxy})
     return out
 
 
 def query_boxes(targets: list[dict[str, Tensor]], n: int, alpha: float, beta: float) -> tuple[Tensor, Tensor]:
-    """``B̂`` for a batch of normalised targets: boxes [B, N, 4] cxcywh and ``gt_index`` [B, N] (the ground
-    truth each jittered box copies, -1 for background). Drawn from the global RNG, which the trainer seeds."""
+    """``B̂`` for a batch of normalised targets: boxes [B, N, 4] cxcywh in each image's normalised coordinates
+    (so inside the image, never in the padding) and ``gt_index`` [B, N] (the ground truth each jittered box
+    copies, -1 for background). Drawn from the global RNG, which the trainer seeds."""
     boxes, gt_index = sample_query_boxes_batch([t["boxes_xyxy"].cpu() for t in targets], n, alpha, beta)
     device = targets[0]["labels"].device
     return box_convert(boxes, "xyxy", "cxcywh").to(device), gt_index.to(device)

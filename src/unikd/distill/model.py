@@ -4,28 +4,48 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from unikd.config import DISTILL_METHODS, ConfigError, DistillConfig
+from unikd.config import ConfigError, DistillConfig
 from unikd.detectors import DetectorAdapter
 
 from .ake import KnowledgeExtractors
+from .base import Distiller, Levels
 from .common import Frozen, WithFrozenTeacher
-from .fitnet import FitNet
-from .unikd import UniKD
+from .registry import METHODS
+
+
+def method_names() -> list[str]:
+    """Every valid ``distill.method``: the registered distillers and ``none``."""
+    return sorted([*METHODS, "none"])
+
+
+def method_class(method: str) -> type[Distiller] | None:
+    """The registered distiller class for ``distill.method``, None for ``none``; a ConfigError otherwise."""
+    if method == "none":
+        return None
+    if method not in METHODS:
+        raise ConfigError(f"distill.method: unknown method '{method}' (choose {', '.join(method_names())})")
+    return METHODS[method]
 
 
 def build_distiller(method: str, cfg: DistillConfig, student: DetectorAdapter, teacher: DetectorAdapter,
-                    akes: KnowledgeExtractors | None = None) -> nn.Module | None:
-    """``UniKD`` (needs the stage-1 ``akes``), ``FitNet``, or None for ``method == "none"``."""
-    levels = (student.feature_strides, student.feature_channels, teacher.feature_strides, teacher.feature_channels)
-    if method == "unikd":
-        if akes is None:
-            raise ValueError("--method unikd needs the stage-1 AKEs (--ake)")
-        return UniKD(akes, *levels, cfg)
-    if method == "fitnet":
-        return FitNet(*levels, cfg)
-    if method == "none":
+                    teacher_rms: Tensor | None = None, akes: KnowledgeExtractors | None = None) -> Distiller | None:
+    """The registered distiller ``method`` between ``student`` and ``teacher``, or None for ``none``.
+
+    ``teacher_rms`` ``[L]``: the teacher's fixed per-level scale; a method with ``needs_akes`` takes the one
+    stored with its ``akes`` (then ``teacher_rms`` must be None or equal)."""
+    cls = method_class(method)
+    if cls is None:
         return None
-    raise ConfigError(f"distill.method: unknown method '{method}' (choose {', '.join(DISTILL_METHODS)})")
+    if cls.needs_akes:
+        if akes is None:
+            raise ConfigError(f"distill.method {method} needs the stage-1 AKEs (--ake)")
+        if teacher_rms is not None and not torch.equal(teacher_rms.cpu(), akes.teacher_rms.cpu()):
+            raise ValueError("teacher_rms differs from the one stored with the AKEs")
+        teacher_rms = akes.teacher_rms
+    elif teacher_rms is None:
+        raise ValueError(f"distill.method {method} needs the teacher's per-level scale (teacher_rms)")
+    return cls(Levels(student.feature_strides, student.feature_channels),
+               Levels(teacher.feature_strides, teacher.feature_channels), cfg, teacher_rms, akes)
 
 
 class DistillationModel(WithFrozenTeacher):

@@ -1,33 +1,52 @@
 """Stage 2, injecting knowledge into the student (paper §3.2.3, Eq. 7–8): the UniKD distiller."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from unikd.config import ConfigError, DistillConfig
-from unikd.transformer import HungarianMatcher, flatten_levels
+from unikd.pyramid import Pyramid
+from unikd.transformer import HungarianMatcher
 
-from .adaptor import Adaptor
 from .ake import AKE, KnowledgeExtractors, Queries
-from .common import normalise_targets, pyramid_image_size, query_boxes
+from .base import Distiller, Levels
+from .common import normalise_targets, query_boxes
+from .registry import register_method
 
 QUERY_SETS = {"both": ("ct", "pos"), "content": ("ct",), "positional": ("pos",)}
 
 
 def knowledge_distance(z_s: Tensor, z_t: Tensor, positive: Tensor) -> Tensor:
-    """``D`` of Eq. 8, averaged over the batch: per image, the mean over positive queries of the MSE
-    (averaged over channels) plus the mean over negative queries. An empty set adds 0.
+    """``D`` of Eq. 8 per image: the mean over positive queries of the MSE (averaged over channels) plus the
+    mean over negative queries. An empty set adds 0.
 
-    ``z_s``, ``z_t`` [B, N, C]; ``positive`` bool [B, N]. Returns a scalar.
+    ``z_s``, ``z_t`` [B, N, C]; ``positive`` bool [B, N]. Returns [B].
     """
     mse = (z_s - z_t).pow(2).mean(-1)
     pos = positive.to(mse.dtype)
     neg = 1 - pos
-    per_image = (mse * pos).sum(1) / pos.sum(1).clamp(min=1) + (mse * neg).sum(1) / neg.sum(1).clamp(min=1)
-    return per_image.mean()
+    return (mse * pos).sum(1) / pos.sum(1).clamp(min=1) + (mse * neg).sum(1) / neg.sum(1).clamp(min=1)
 
 
-class UniKD(nn.Module):
+@dataclass
+class TeacherKnowledge:
+    """The teacher's side of stage 2 for one AKE: what an offline store holds for it.
+
+    Attributes:
+        queries: ``q`` [B, N, C] and its reference (points [B, N, 2], or the boxes ``B̂`` [B, N, 4]).
+        z: ``z_T`` [B, N, C].
+        positive: [B, N] bool, the queries that stand for an object.
+    """
+
+    queries: Queries
+    z: Tensor
+    positive: Tensor
+
+
+@register_method("unikd")
+class UniKD(Distiller):
     """``loss(F_T, F_S, targets)`` = {λ1·D(z_ct_S, z_ct_T), λ2·D(z_pos_S, z_pos_T)}.
 
     The AKEs are frozen (eval mode, no parameter gradients; gradients flow through them into ``φ`` and the
@@ -36,16 +55,16 @@ class UniKD(nn.Module):
     queries), the jittered ground-truth boxes of ``B̂`` (positional queries).
     """
 
-    def __init__(self, akes: KnowledgeExtractors, student_strides: list[int], student_channels: list[int],
-                 teacher_strides: list[int], teacher_channels: list[int], cfg: DistillConfig):
-        super().__init__()
+    needs_akes = True
+
+    def __init__(self, student: Levels, teacher: Levels, cfg: DistillConfig, teacher_rms: Tensor,
+                 akes: KnowledgeExtractors | None = None):
         if cfg.queries not in QUERY_SETS:
             raise ConfigError(f"distill.queries: unknown value '{cfg.queries}' (choose {', '.join(QUERY_SETS)})")
-        self.cfg = cfg
+        if akes is None:
+            raise ValueError("UniKD needs the stage-1 AKEs")
+        super().__init__(student, teacher, cfg, teacher_rms, akes)
         self.akes = akes.eval().requires_grad_(False)
-        self.adaptor = Adaptor(student_strides, student_channels, teacher_strides, teacher_channels,
-                               layers=cfg.adaptor_layers, n_heads=akes.cfg.n_heads, n_points=akes.cfg.n_points)
-        self.teacher_strides = teacher_strides
         self.matcher = HungarianMatcher()
 
     def train(self, mode: bool = True) -> UniKD:
@@ -53,36 +72,47 @@ class UniKD(nn.Module):
         self.akes.eval()
         return self
 
-    def _teacher_side(self, ake: AKE, memory: Tensor, shapes: Tensor,
-                      gts: list[dict]) -> tuple[Queries, Tensor, Tensor]:
-        """Queries, ``z_T`` [B, N, C] and the positive mask [B, N] of one AKE on the teacher (no gradients)."""
-        with torch.no_grad():
-            if ake.kind == "ct":
-                queries = ake.queries(memory, shapes)
-                z_t = ake.extract(queries, memory, shapes)
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return QUERY_SETS[self.cfg.queries]
+
+    @torch.no_grad()
+    def teacher_knowledge(self, teacher: Pyramid, targets: list[dict[str, Tensor]],
+                          b_hat: tuple[Tensor, Tensor] | None = None) -> dict[str, TeacherKnowledge]:
+        """Queries, ``z_T`` and positives of each AKE in use, from the teacher pyramid and the targets (image
+        pixels). ``b_hat``: ``(boxes [B, N, 4] cxcywh, gt_index [B, N])`` to use as ``B̂`` instead of drawing it."""
+        memory = self.akes.teacher_memory(teacher)
+        gts = normalise_targets(targets, teacher.image_sizes)
+        knowledge = {}
+        for kind in self.kinds:
+            ake: AKE = getattr(self.akes, kind)
+            if kind == "ct":
+                queries = ake.queries(memory)
+                z_t = ake.extract(queries, memory)
                 logits, boxes = ake.predict(z_t, queries)
-                positive = torch.zeros(z_t.shape[:2], dtype=torch.bool, device=z_t.device)
+                positive = torch.zeros(z_t.shape[:2], dtype=torch.bool)
                 for i, (query, _) in enumerate(self.matcher(logits, boxes, gts)):
                     positive[i, query] = True
+                positive = positive.to(z_t.device, non_blocking=True)
             else:
-                b_hat, gt_index = query_boxes(gts, ake.n_queries, self.akes.cfg.alpha, self.akes.cfg.beta)
-                queries = ake.queries(memory, shapes, b_hat)
-                z_t = ake.extract(queries, memory, shapes)
+                boxes, gt_index = b_hat or query_boxes(gts, ake.n_queries, self.akes.cfg.alpha, self.akes.cfg.beta)
+                queries = ake.queries(memory, boxes)
+                z_t = ake.extract(queries, memory)
                 positive = gt_index >= 0
-        return queries, z_t, positive
+            knowledge[kind] = TeacherKnowledge(queries, z_t, positive)
+        return knowledge
 
-    def loss(self, teacher_features: list[Tensor], student_features: list[Tensor],
-             targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """``teacher_features``: the teacher's levels [B, C_T, H_l, W_l]; ``student_features``: the student's;
-        ``targets`` in image pixels (as the detectors take them). Returns ``loss_kd_ct`` / ``loss_kd_pos``."""
-        memory_t, shapes_t = flatten_levels(teacher_features)
-        memory_s, shapes_s = flatten_levels(self.adaptor(student_features, teacher_features))
-        gts = normalise_targets(targets, pyramid_image_size(teacher_features, self.teacher_strides))
+    def distances(self, knowledge: dict[str, TeacherKnowledge], adapted: Pyramid) -> dict[str, Tensor]:
+        """``λ·D(z_S, z_T)`` per image [B] for each AKE in ``knowledge``; ``z_S`` is read out of ``adapted``
+        (``φ(F_S)``) with the teacher's queries."""
+        memory = adapted.memory()
         weights = {"ct": self.cfg.lambda_ct, "pos": self.cfg.lambda_pos}
-        losses = {}
-        for kind in QUERY_SETS[self.cfg.queries]:
-            ake = getattr(self.akes, kind)
-            queries, z_t, positive = self._teacher_side(ake, memory_t, shapes_t, gts)
-            z_s = ake.extract(queries, memory_s, shapes_s)
-            losses[f"loss_kd_{kind}"] = weights[kind] * knowledge_distance(z_s, z_t, positive)
-        return losses
+        out = {}
+        for kind, k in knowledge.items():
+            z_s = getattr(self.akes, kind).extract(k.queries, memory)
+            out[f"loss_kd_{kind}"] = weights[kind] * knowledge_distance(z_s, k.z, k.positive)
+        return out
+
+    def per_image_losses(self, teacher: Pyramid, student: Pyramid,
+                         targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        return self.distances(self.teacher_knowledge(teacher, targets), self.adaptor(student))

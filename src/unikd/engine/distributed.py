@@ -77,3 +77,13 @@ def sync_buffers(module: torch.nn.Module) -> None:
     if is_dist():
         for buf in module.buffers():
             dist.broadcast(buf, 0)
+
+
+def mean_over_ranks(value: float, device: torch.device | str) -> torch.Tensor:
+    """``value`` averaged over all ranks, as a scalar tensor on ``device`` (``value`` itself outside DDP); at
+    least 1, as a loss normaliser (DETR's ``num_boxes``)."""
+    out = torch.tensor(float(value), device=device)
+    if is_dist():
+        dist.all_reduce(out)
+        out = out / world_size()
+    return out.clamp(min=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from unikd.transformer.layers import (
     DeformableDecoderLayer,
     DeformableEncoderLayer,
+    Memory,
     encoder_reference_points,
     flatten_levels,
     sine_position_embedding,
@@ -19,6 +20,7 @@ __all__ = [
     "DeformableDecoderLayer",
     "DeformableEncoderLayer",
     "HungarianMatcher",
+    "Memory",
     "MSDeformAttn",
     "encoder_reference_points",
     "flatten_levels",

@@ -6,6 +6,7 @@ concatenated level by level into ``[B, S, C]``, with ``spatial_shapes`` ``[L, 2]
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -31,19 +32,31 @@ def unflatten_levels(tokens: Tensor, spatial_shapes: Tensor) -> list[Tensor]:
     return [t.transpose(1, 2).unflatten(2, (h, w)) for t, (h, w) in zip(levels, shapes)]
 
 
-def _token_centres(spatial_shapes: Tensor, device=None) -> Tensor:
-    """``[S, 2]``: each token's pixel centre ``((j + 0.5) / W_l, (i + 0.5) / H_l)`` as normalised ``(x, y)``."""
+def _token_centres(spatial_shapes: Tensor, device=None, valid_ratios: Tensor | None = None) -> Tensor:
+    """Each token's pixel centre ``((j + 0.5) / W_l, (i + 0.5) / H_l)`` as normalised ``(x, y)``: ``[S, 2]``.
+
+    With ``valid_ratios`` ``[B, L, 2]`` the centres are normalised by each image's own region instead (its
+    width is ``ratio * W_l`` cells of level ``l``): ``[B, S, 2]``; padding tokens get coordinates above 1.
+    """
     device = device or spatial_shapes.device
     centres = []
     for h, w in spatial_shapes.tolist():
         y, x = torch.meshgrid((torch.arange(h, device=device) + 0.5) / h,
                               (torch.arange(w, device=device) + 0.5) / w, indexing="ij")
         centres.append(torch.stack([x.flatten(), y.flatten()], dim=-1))
-    return torch.cat(centres)
+    out = torch.cat(centres)
+    if valid_ratios is None:
+        return out
+    sizes = spatial_shapes.prod(1).to(valid_ratios.device)
+    token_ratios = valid_ratios.repeat_interleave(sizes, dim=1, output_size=len(out))  # [B, S, 2]
+    return out.to(valid_ratios.dtype) / token_ratios
 
 
-def sine_position_embedding(spatial_shapes: Tensor, channels: int, device=None) -> Tensor:
-    """2-d sine/cosine position embedding of every token of every level: ``[S, channels]`` float32.
+def sine_position_embedding(spatial_shapes: Tensor, channels: int, device=None,
+                            valid_ratios: Tensor | None = None) -> Tensor:
+    """2-d sine/cosine position embedding of every token of every level: ``[S, channels]`` float32, or
+    ``[B, S, channels]`` with ``valid_ratios`` ``[B, L, 2]`` (positions over each image's own region, so a
+    token's embedding does not depend on the padding).
 
     The first ``channels / 2`` channels encode y, the rest x, each as DETR does: coordinate ``c`` (the pixel
     centre normalised by its level's size, times ``2 * pi``) over ``10000 ** (2 * (k // 2) / (channels / 2))``,
@@ -53,18 +66,56 @@ def sine_position_embedding(spatial_shapes: Tensor, channels: int, device=None) 
     if channels % 2:
         raise ValueError(f"channels must be even, got {channels}")
     half = channels // 2
-    coords = _token_centres(spatial_shapes, device) * (2 * math.pi)  # [S, 2] (x, y)
+    coords = _token_centres(spatial_shapes, device, valid_ratios) * (2 * math.pi)  # [(B,) S, 2] (x, y)
     k = torch.arange(half, device=coords.device)
     freq = 10000.0 ** (2 * torch.div(k, 2, rounding_mode="floor") / half)
-    angles = coords.flip(-1)[..., None] / freq  # [S, 2 (y, x), half]
+    angles = coords.flip(-1)[..., None] / freq  # [(B,) S, 2 (y, x), half]
     emb = torch.where(k % 2 == 0, angles.sin(), angles.cos())
-    return emb.flatten(1)
+    return emb.flatten(-2)
 
 
-def encoder_reference_points(spatial_shapes: Tensor, n_levels: int, device=None) -> Tensor:
+def encoder_reference_points(spatial_shapes: Tensor, n_levels: int, device=None,
+                             valid_ratios: Tensor | None = None) -> Tensor:
     """``[S, n_levels, 2]``: each token's pixel centre, normalised ``(x, y)`` by its own level's size, repeated
-    over the levels."""
-    return _token_centres(spatial_shapes, device)[:, None].expand(-1, n_levels, -1)
+    over the levels. With ``valid_ratios`` ``[B, L, 2]``: ``[B, S, n_levels, 2]``, the centre in its image's
+    normalised coordinates, placed on each level by that level's valid ratio (as Deformable DETR does)."""
+    centres = _token_centres(spatial_shapes, device, valid_ratios)
+    if valid_ratios is None:
+        return centres[:, None].expand(-1, n_levels, -1)
+    return centres[:, :, None] * valid_ratios[:, None]
+
+
+@dataclass
+class Memory:
+    """A multi-level feature pyramid as one token sequence, with each image's own region.
+
+    Attributes:
+        tokens: ``[B, S, C]`` (levels flattened row-major and concatenated, see :func:`flatten_levels`).
+        spatial_shapes: ``[L, 2]`` int64 ``(H_l, W_l)``, on the CPU.
+        valid_ratios: ``[B, L, 2]`` ``(x, y)``: the image's width and height as fractions of each level's (a
+            point at normalised image coordinates ``p`` lies at ``p * ratio`` on the level), or None (all 1).
+        padding_mask: ``[B, S]`` bool, True on tokens wholly in the padding, or None (no padding).
+    """
+
+    tokens: Tensor
+    spatial_shapes: Tensor
+    valid_ratios: Tensor | None = None
+    padding_mask: Tensor | None = None
+
+    @classmethod
+    def from_levels(cls, levels: list[Tensor], valid_ratios: Tensor | None = None,
+                    padding_mask: Tensor | None = None) -> Memory:
+        tokens, shapes = flatten_levels(levels)
+        return cls(tokens, shapes, valid_ratios, padding_mask)
+
+    def level_reference(self, reference: Tensor) -> Tensor:
+        """Reference points ``[B, Q, 2]`` or boxes ``[B, Q, 4]`` in normalised image coordinates → on each level
+        ``[B, Q, L, 2|4]`` (multiplied by the valid ratios; boxes by ``(rx, ry, rx, ry)``)."""
+        levels = len(self.spatial_shapes)
+        if self.valid_ratios is None:
+            return reference[:, :, None].expand(-1, -1, levels, -1)
+        ratios = self.valid_ratios if reference.shape[-1] == 2 else self.valid_ratios.repeat(1, 1, 2)
+        return reference[:, :, None] * ratios[:, None]
 
 
 class _FeedForward(nn.Module):
@@ -122,10 +173,11 @@ class DeformableEncoderLayer(nn.Module):
         self.ffn = _FeedForward(d_model, d_ffn, dropout)
 
     def forward(self, src: Tensor, pos: Tensor | None, spatial_shapes: Tensor,
-                padding_mask: Tensor | None = None) -> Tensor:
+                padding_mask: Tensor | None = None, valid_ratios: Tensor | None = None) -> Tensor:
         """src ``[B, S, C]``; pos ``[S, C]``, ``[B, S, C]`` or None (added to the query only); spatial_shapes
-        ``[L, 2]``; padding_mask ``[B, S]`` bool, True = padded. Returns ``[B, S, C]``."""
-        reference = encoder_reference_points(spatial_shapes, self.n_levels, src.device).to(src.dtype)
+        ``[L, 2]``; padding_mask ``[B, S]`` bool, True = padded; valid_ratios ``[B, L, 2]`` or None (as in
+        :class:`Memory`). Returns ``[B, S, C]``."""
+        reference = encoder_reference_points(spatial_shapes, self.n_levels, src.device, valid_ratios).to(src.dtype)
         query = src if pos is None else src + pos
         attended = self.self_attn(query, reference.expand(src.shape[0], -1, -1, -1), src, spatial_shapes,
                                   padding_mask)
