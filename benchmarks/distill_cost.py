@@ -61,7 +61,8 @@ def build(variant: str, num_classes: int) -> torch.nn.Module:
                                teacher.feature_channels[0], num_classes)
     if kind == "stage1":
         return AbsorbModel(teacher, akes).train()
-    distiller = build_distiller(kind, distill_cfg.distill, student, teacher, akes)
+    distiller = build_distiller(kind, distill_cfg.distill, student, teacher, akes.teacher_rms,
+                                akes if kind == "unikd" else None)
     return DistillationModel(student, teacher, distiller).train()
 
 

@@ -1,16 +1,21 @@
-"""Distil each family's R50 teacher into the R18 RetinaNet student with UniKD and with FitNet; write docs/results.md.
+"""Distil each family's R50 teacher into the R18 RetinaNet student: the student alone, FitNet and UniKD, per seed.
 
-    python benchmarks/distillation.py [--runs runs/distill] [--teachers runs/baselines] [--jobs 2]
+    python benchmarks/distillation.py [--seeds 0 1] [--runs runs/distill] [--teachers runs/baselines] [--jobs 2]
+    python benchmarks/distillation.py --table-only     # rebuild the docs table from the committed JSONs
 
-Needs the teachers and the student baseline of ``benchmarks/baselines.py`` (``TEACHERS/NAME/last.pt``, and
-``TEACHERS/retinanet_r18_student/eval.json`` for the baseline row). Jobs, each resumable (a finished one is
-skipped, an interrupted one continues from its ``last.pt``):
+Needs the teachers of ``benchmarks/baselines.py`` (``TEACHERS/FAMILY_r50_teacher/last.pt``). Jobs, each resumable
+(a finished one is skipped, an interrupted one continues from its ``last.pt``):
 
-- stage 1 per teacher: ``unikd pretrain-ake configs/digits/ake.yaml --teacher T`` → ``RUNS/ake_FAMILY``;
-- stage 2 per teacher and method: ``unikd distill configs/digits/distill_retinanet_r18.yaml --teacher T
-  --ake RUNS/ake_FAMILY/ake.safetensors --method M`` → ``RUNS/FAMILY_METHOD``.
+- stage 1 per teacher (one set of AKEs per teacher, shared by the seeds): ``unikd pretrain-ake
+  configs/digits/ake.yaml --teacher T`` → ``RUNS/ake_FAMILY``;
+- the student alone per seed: ``unikd distill configs/digits/distill_retinanet_r18.yaml --method none --seed S``
+  (the teacher is loaded but never run) → ``RUNS/none_sS``;
+- stage 2 per teacher, method and seed: ``unikd distill ... --teacher T [--ake ...] --method M --seed S``
+  → ``RUNS/FAMILY_METHOD_sS``.
 
-``--jobs`` run side by side, each with ``cores / jobs`` torch threads; a UniKD run waits for its AKEs.
+Each finished run's metrics go to ``benchmarks/results/distillation/NAME.json`` (small, committed), and the
+table in docs/results.md is built from those files only, so it survives a change of machine. ``--jobs`` run
+side by side, each with ``cores / jobs`` torch threads; a UniKD run waits for its AKEs.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,83 +37,142 @@ FAMILIES = ("faster_rcnn", "fcos", "retinanet")  # the slowest teacher first
 METHODS = ("fitnet", "unikd")
 AKE_CONFIG = ROOT / "configs" / "digits" / "ake.yaml"
 STUDENT_CONFIG = ROOT / "configs" / "digits" / "distill_retinanet_r18.yaml"
+RESULTS = ROOT / "benchmarks" / "results" / "distillation"
 
 
 def teacher_checkpoint(teachers: Path, family: str) -> Path:
     return teachers / f"{family}_r50_teacher" / "last.pt"
 
 
+def record(results: Path, run: Path, name: str, extra: dict | None = None) -> None:
+    """Copy a finished run's metrics (and its training minutes) into ``RESULTS/NAME.json``."""
+    done = run / ("report.json" if name.startswith("ake_") else "eval.json")
+    metrics = json.loads(done.read_text())
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    entry = {"name": name, "metrics": metrics, "train_minutes": max(r.get("train_seconds", 0) for r in logged) / 60,
+             **(extra or {})}
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
+
+
 def schedule(args, threads: int) -> None:
-    """Stage 1 for every teacher first, then the FitNet runs (they need no AKE), then the UniKD runs."""
+    """Stage 1 for every teacher first, then per seed the student alone and the FitNet runs (no AKE needed),
+    then the UniKD runs."""
     data = ["--data", str(args.data)]
     with ThreadPoolExecutor(args.jobs) as pool:
         akes: dict[str, Future] = {}
         for fam in FAMILIES:
-            cmd = ["pretrain-ake", str(AKE_CONFIG), "--teacher", str(teacher_checkpoint(args.teachers, fam)), *data]
-            akes[fam] = pool.submit(run_job, cmd, args.runs / f"ake_{fam}", "report.json", threads)
+            record(args.results, teacher_checkpoint(args.teachers, fam).parent, f"teacher_{fam}")
 
-        def distill(fam: str, method: str) -> None:
+        def stage1(fam: str) -> None:
+            out = args.runs / f"ake_{fam}"
+            run_job(["pretrain-ake", str(AKE_CONFIG), "--teacher", str(teacher_checkpoint(args.teachers, fam)),
+                     *data], out, "report.json", threads)
+            record(args.results, out, f"ake_{fam}")
+
+        def stage2(fam: str, method: str, seed: int) -> None:
             cmd = ["distill", str(STUDENT_CONFIG), "--teacher", str(teacher_checkpoint(args.teachers, fam)),
-                   "--method", method, *data]
+                   "--method", method, "--seed", str(seed), *data]
             if method == "unikd":
                 akes[fam].result()
                 cmd += ["--ake", str(args.runs / f"ake_{fam}" / "ake.safetensors")]
-            run_job(cmd, args.runs / f"{fam}_{method}", "eval.json", threads)
+            name = f"none_s{seed}" if method == "none" else f"{fam}_{method}_s{seed}"
+            run_job(cmd, args.runs / name, "eval.json", threads)
+            record(args.results, args.runs / name, name, {"teacher": fam, "method": method, "seed": seed})
 
-        runs = [pool.submit(distill, fam, m) for m in METHODS for fam in FAMILIES]
+        for fam in FAMILIES:
+            akes[fam] = pool.submit(stage1, fam)
+        runs = [pool.submit(stage2, FAMILIES[0], "none", seed) for seed in args.seeds]
+        runs += [pool.submit(stage2, fam, m, seed) for seed in args.seeds for m in METHODS for fam in FAMILIES]
         for job in [*akes.values(), *runs]:
             job.result()
 
 
-def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+def load_results(folder: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
-def write_results(args, command: str) -> None:
-    baseline = read_json(args.teachers / "retinanet_r18_student" / "eval.json")
+def ap(results: dict, name: str) -> float | None:
+    return 100 * results[name]["metrics"]["AP"] if name in results else None
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def write_results(doc: Path, folder: Path, command: str) -> None:
+    results = load_results(folder)
+    seeds = sorted({r["seed"] for r in results.values() if "seed" in r})
     lines = [
         "## Distillation into the R18 RetinaNet student",
         "",
-        f"Command: `{command}` (measured {datetime.date.today()}, {os.cpu_count()} CPU cores, `--jobs` runs side "
-        "by side). Student: `configs/digits/distill_retinanet_r18.yaml` (the student baseline's model, data, "
-        "schedule and seed, plus the `distill` section); AKEs: `configs/digits/ake.yaml`. Val AP on digits-det, "
-        "one seed; the gain is over the student baseline of the table above.",
+        f"Command: `{command}` (table written {datetime.date.today()}, {os.cpu_count()} CPU cores, `--jobs` runs "
+        "side by side; every figure is read from `benchmarks/results/distillation/*.json`, one file per finished "
+        "run). Student: `configs/digits/distill_retinanet_r18.yaml`; AKEs: `configs/digits/ake.yaml`, one set per "
+        "teacher shared by the seeds. Val AP on digits-det; the gain is over the student alone of the same seed.",
         "",
-        "| teacher (R50) | teacher AP | student AP | FitNet AP (gain) | UniKD AP (gain) | content-AKE AP | "
-        "stage 1 / teacher time |",
-        "|---|---|---|---|---|---|---|",
+        "| teacher (R50) | seed | student alone | FitNet (gain) | UniKD (gain) | UniKD − FitNet |",
+        "|---|---|---|---|---|---|",
     ]
-    base = 100 * baseline["AP"] if baseline else float("nan")
+    summary = []
     for fam in FAMILIES:
-        teacher = read_json(args.teachers / f"{fam}_r50_teacher" / "eval.json")
-        report = read_json(args.runs / f"ake_{fam}" / "report.json")
-        cells = [fam, f"{100 * teacher['AP']:.1f}" if teacher else "–", f"{base:.1f}"]
-        for method in METHODS:
-            result = read_json(args.runs / f"{fam}_{method}" / "eval.json")
-            cells.append(f"{100 * result['AP']:.1f} ({100 * result['AP'] - base:+.1f})" if result else "not run")
-        if report:
-            cells += [f"{100 * report['ake_val']['AP']:.1f}", f"{report['fraction_of_teacher_training']:.0%}"]
-        else:
-            cells += ["not run", "–"]
-        lines.append("| " + " | ".join(cells) + " |")
-    replace_section(args.doc, "\n".join(lines) + "\n", title="# Results")
+        gains: dict[str, list[float]] = {"fitnet": [], "unikd": [], "margin": []}
+        for seed in seeds:
+            base = ap(results, f"none_s{seed}")
+            cells = [fam, str(seed), f"{base:.1f}" if base is not None else "not run"]
+            values = {m: ap(results, f"{fam}_{m}_s{seed}") for m in METHODS}
+            for m in METHODS:
+                v = values[m]
+                if v is None:
+                    cells.append("not run")
+                elif base is None:
+                    cells.append(f"{v:.1f}")
+                else:
+                    cells.append(f"{v:.1f} ({v - base:+.1f})")
+                    gains[m].append(v - base)
+            if None not in values.values():
+                gains["margin"].append(values["unikd"] - values["fitnet"])
+                cells.append(f"{values['unikd'] - values['fitnet']:+.1f}")
+            else:
+                cells.append("–")
+            lines.append("| " + " | ".join(cells) + " |")
+        report = results.get(f"ake_{fam}", {}).get("metrics")
+        summary.append((fam, gains, report))
+    lines += ["", "Over the seeds (mean ± sample std of the per-seed differences):", "",
+              "| teacher (R50) | teacher AP | seeds | FitNet gain | UniKD gain | UniKD − FitNet | content-AKE AP | "
+              "stage 1 / teacher time |", "|---|---|---|---|---|---|---|---|"]
+    for fam, gains, report in summary:
+        teacher = ap(results, f"teacher_{fam}")
+        ake_cells = ([f"{100 * report['ake_val']['AP']:.1f}", f"{report['fraction_of_teacher_training']:.0%}"]
+                     if report else ["not run", "–"])
+        lines.append(f"| {fam} | {'–' if teacher is None else f'{teacher:.1f}'} | {len(gains['margin'])} | {mean_std(gains['fitnet'])} | {mean_std(gains['unikd'])} "
+                     f"| {mean_std(gains['margin'])} | " + " | ".join(ake_cells) + " |")
+    replace_section(doc, "\n".join(lines) + "\n", title="# Results")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "distill")
     parser.add_argument("--teachers", type=Path, default=ROOT / "runs" / "baselines")
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "digits-det")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the per-run JSONs")
+    parser.add_argument("--table-only", action="store_true", help="only rebuild the table from the JSONs")
     args = parser.parse_args()
-    for fam in FAMILIES:
-        if not teacher_checkpoint(args.teachers, fam).exists():
-            sys.exit(f"missing teacher {teacher_checkpoint(args.teachers, fam)}: run benchmarks/baselines.py first")
-    tic = time.time()
-    schedule(args, threads=max(1, (os.cpu_count() or 1) // args.jobs))
-    print(f"done in {(time.time() - tic) / 60:.1f} min")
-    write_results(args, "python benchmarks/distillation.py " + " ".join(sys.argv[1:]))
+    if not args.table_only:
+        for fam in FAMILIES:
+            if not teacher_checkpoint(args.teachers, fam).exists():
+                sys.exit(f"missing teacher {teacher_checkpoint(args.teachers, fam)}: run benchmarks/baselines.py first")
+        tic = time.time()
+        schedule(args, threads=max(1, (os.cpu_count() or 1) // args.jobs))
+        print(f"done in {(time.time() - tic) / 60:.1f} min")
+    write_results(args.doc, args.results, "python benchmarks/distillation.py " + " ".join(sys.argv[1:]))
     print(args.doc.read_text())
 
 

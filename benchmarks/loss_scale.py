@@ -3,9 +3,10 @@
     python benchmarks/loss_scale.py [--teachers runs/baselines] [--akes runs/distill]
 
 On the first 8 digits-det train images, with the untrained R18 RetinaNet student of
-``configs/digits/distill_retinanet_r18.yaml``: the student's detection loss, the RMS of each teacher FPN level,
-the FitNet loss and the two UniKD distances D (unweighted, λ = 1) with the stage-1 AKEs of
-``benchmarks/distillation.py``. Writes a section of docs/results.md.
+``configs/digits/distill_retinanet_r18.yaml``: the student's detection loss, each teacher's fixed per-level RMS
+(what FitNet and the AKEs divide the teacher by, measured on 256 training images), the FitNet loss (unweighted)
+and the two UniKD distances D (unweighted, λ = 1) with the stage-1 AKEs of ``benchmarks/distillation.py``.
+Writes a section of docs/results.md.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from doc_sections import replace_section
 from unikd.config import load_config
 from unikd.data import CocoDetection, collate
 from unikd.detectors import build_detector
-from unikd.distill import build_distiller, load_ake, teacher_fingerprint
+from unikd.distill import build_distiller, load_ake, measure_teacher_rms, teacher_fingerprint
 from unikd.jobs import load_detector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = load_config(ROOT / "configs" / "digits" / "distill_retinanet_r18.yaml")
-    unweighted = dataclasses.replace(cfg.distill, lambda_ct=1.0, lambda_pos=1.0)
+    unweighted = dataclasses.replace(cfg.distill, lambda_ct=1.0, lambda_pos=1.0, fitnet_weight=1.0)
     dataset = CocoDetection(args.data, "train", cfg.data.size)
     images, targets = collate([dataset[i] for i in range(8)])
     student = build_detector(cfg.model, dataset.num_classes, cfg.data.size).train()
@@ -46,9 +47,10 @@ def main() -> None:
         "## Loss scales at the start of distillation",
         "",
         f"Command: `python benchmarks/loss_scale.py {' '.join(sys.argv[1:])}` (measured {datetime.date.today()}). "
-        "Untrained R18 RetinaNet student, first 8 train images; D is unweighted (λ = 1).",
+        "Untrained R18 RetinaNet student, first 8 train images; the FitNet loss and D are unweighted (weight and "
+        "λ = 1).",
         "",
-        "| teacher (R50) | student detection loss | teacher FPN RMS per level | FitNet loss | D_ct | D_pos |",
+        "| teacher (R50) | student detection loss | teacher RMS per level (fixed) | FitNet loss | D_ct | D_pos |",
         "|---|---|---|---|---|---|",
     ]
     with torch.no_grad():
@@ -57,14 +59,15 @@ def main() -> None:
         for fam in FAMILIES:
             teacher, tcfg = load_detector(args.teachers / f"{fam}_r50_teacher" / "last.pt")
             teacher_features = teacher.extract_features(images)
-            rms = " / ".join(f"{f.pow(2).mean().sqrt().item():.0f}" for f in teacher_features)
-            fitnet = build_distiller("fitnet", cfg.distill, student, teacher).loss(
+            teacher_rms = measure_teacher_rms(teacher, dataset, collate)
+            rms = " / ".join(f"{v:.0f}" for v in teacher_rms.tolist())
+            fitnet = build_distiller("fitnet", unweighted, student, teacher, teacher_rms).loss(
                 teacher_features, student_features, targets)["loss_fitnet"].item()
             cells = [fam, f"{detection:.2f}", rms, f"{fitnet:.2f}"]
             ake_file = args.akes / f"ake_{fam}" / "ake.safetensors"
             if ake_file.exists():
                 akes, _ = load_ake(ake_file, teacher_fingerprint(teacher, tcfg.model))
-                kd = build_distiller("unikd", unweighted, student, teacher, akes).loss(
+                kd = build_distiller("unikd", unweighted, student, teacher, akes=akes).loss(
                     teacher_features, student_features, targets)
                 cells += [f"{kd['loss_kd_ct'].item():.2f}", f"{kd['loss_kd_pos'].item():.2f}"]
             else:
