@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-all mutation clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,5 +26,15 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
 
+# Mutation testing of distill/ and transformer/ (docs/testing.md); not part of `make test`. One mutant at a time.
+# Restrict with mutmut's mutant-name globs, e.g. make mutation MUTANTS='unikd.transformer.matcher.*'
+MUTANTS ?=
+MUTMUT_CHILDREN ?= 1
+mutation: $(STAMP)
+	$(BIN)/mutmut --version >/dev/null 2>&1 || $(BIN)/pip install --quiet -e '.[test,tensorboard,mutation]'
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTMUT_CHILDREN) $(foreach m,$(MUTANTS),'$(m)')
+	$(BIN)/mutmut results
+	$(BIN)/python benchmarks/mutation_counts.py --command "make mutation$(if $(MUTANTS), MUTANTS='$(MUTANTS)')"
+
 clean:
-	rm -rf $(VENV) runs cache
+	rm -rf $(VENV) runs cache mutants
