@@ -33,13 +33,13 @@ def giou_by_hand(a, b):
     return inter / union - (hull - union) / hull
 
 
-def focal_by_hand(logit, target):
+def focal_by_hand(logit, target, alpha=ALPHA, gamma=GAMMA):
     """Sigmoid focal loss of one logit (RetinaNet's formula)."""
     p = 1 / (1 + math.exp(-logit))
     ce = -math.log(p) if target else -math.log(1 - p)
     p_t = p if target else 1 - p
-    alpha_t = ALPHA if target else 1 - ALPHA
-    return alpha_t * (1 - p_t) ** GAMMA * ce
+    alpha_t = alpha if target else 1 - alpha
+    return alpha_t * (1 - p_t) ** gamma * ce
 
 
 def brute_force_min_cost(cost):
@@ -67,6 +67,20 @@ def test_cost_matrix_entry_by_hand():
         l1 = sum(abs(a - b) for a, b in zip(boxes[i].tolist(), tgt_boxes[j].tolist()))
         expected = 2 * (pos - neg) + 5 * l1 - 2 * giou_by_hand(boxes[i].tolist(), tgt_boxes[j].tolist())
         assert cost[i, j].item() == pytest.approx(expected, rel=1e-5, abs=1e-5)
+
+
+def test_cost_matrix_stays_finite_where_the_sigmoid_saturates():
+    # float32 sigmoid(-40) is 4e-18 and sigmoid(40) is exactly 1: the 1e-8 inside each log keeps it finite
+    logits = torch.tensor([[-40.0, 40.0]])
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2]])
+    cost = HungarianMatcher().cost_matrix(logits, boxes, torch.tensor([0, 1]), boxes.repeat(2, 1))
+    assert torch.isfinite(cost).all()
+    # same box: L1 0, GIoU 1; class 0 (p ~ 0) costs alpha * -log(1e-8), class 1 (p = 1) -(1 - alpha) * -log(1e-8)
+    expected = [2 * ALPHA * -math.log(1e-8) - 2, -2 * (1 - ALPHA) * -math.log(1e-8) - 2]
+    assert cost[0].tolist() == pytest.approx(expected, rel=1e-5)
+    (query_idx, target_idx), = HungarianMatcher()(logits[None].repeat(1, 2, 1), boxes[None].repeat(1, 2, 1),
+                                                  [{"labels": torch.tensor([1]), "boxes": boxes}])
+    assert len(query_idx) == len(target_idx) == 1
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -162,3 +176,29 @@ def test_set_loss_without_positives_clamps_the_normaliser():
     expected = 2 * sum(focal_by_hand(x, False) for x in logits.flatten().tolist())
     assert losses["loss_class"].item() == pytest.approx(expected, rel=1e-5)
     assert losses["loss_l1"].item() == losses["loss_giou"].item() == 0
+
+
+def test_set_loss_uses_the_given_focal_alpha_and_gamma():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 3, 2, generator=g)
+    targets = random_targets([2], 2, g)
+    indices = [(torch.tensor([0, 2]), torch.tensor([1, 0]))]
+    losses = set_loss(logits, random_boxes(3, g)[None], targets, indices, num_boxes=2, focal_alpha=0.6,
+                      focal_gamma=1.0)
+    labels = {0: targets[0]["labels"][1].item(), 2: targets[0]["labels"][0].item()}
+    focal = sum(focal_by_hand(logits[0, q, k].item(), labels.get(q) == k, alpha=0.6, gamma=1.0)
+                for q in range(3) for k in range(2))
+    assert losses["loss_class"].item() == pytest.approx(2 * focal / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("num_boxes", [3, 3.0, torch.tensor(3), torch.tensor(3.0, dtype=torch.float64)])
+def test_set_loss_is_float32_whatever_the_type_of_num_boxes(num_boxes):
+    g = torch.Generator().manual_seed(4)
+    logits, boxes = torch.randn(1, 4, 3, generator=g), random_boxes(4, g)[None]
+    targets = random_targets([3], 3, g)
+    indices = [(torch.tensor([0, 1, 3]), torch.tensor([2, 0, 1]))]
+    losses = set_loss(logits, boxes, targets, indices, num_boxes=num_boxes)
+    reference = set_loss(logits, boxes, targets, indices, num_boxes=3.0)
+    for name, loss in losses.items():
+        assert loss.dtype == torch.float32, name
+        assert loss.item() == pytest.approx(reference[name].item(), rel=1e-6)

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -103,6 +104,16 @@ def test_points_off_the_map_read_zero_and_border_points_only_in_map_neighbours()
     assert torch.equal(both, inside_only) and inside_only.item() != 0.0
 
 
+def test_core_rejects_a_level_count_mismatch_and_runs_without_warnings():
+    value, weights = torch.randn(1, S, 1, 2), torch.ones(1, 1, 1, 3, 1) / 3
+    locations = torch.rand(1, 1, 1, 3, 1, 2)
+    with pytest.raises(ValueError, match="spatial_shapes has 2 levels but sampling_locations has 3"):
+        ms_deform_attn(value[:, :35 + 9], SHAPES[:2], locations, weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. grid_sample's warning when align_corners is left unset
+        assert ms_deform_attn(value, SHAPES, locations, weights).shape == (1, 1, 2)
+
+
 def attention(d_model=16, n_heads=2, n_points=3, seed=0, **kwargs):
     torch.manual_seed(seed)
     return MSDeformAttn(d_model, n_levels=3, n_heads=n_heads, n_points=n_points, **kwargs)
@@ -185,6 +196,42 @@ def test_initial_offsets_point_outwards_per_head_at_growing_radius():
     torch.testing.assert_close(offsets[:, :, 1], 2 * offsets[:, :, 0])
 
 
+def test_defaults_are_deformable_detrs():
+    attn = MSDeformAttn()
+    assert (attn.d_model, attn.n_levels, attn.n_heads, attn.n_points) == (256, 4, 8, 4)
+    assert attn.sampling_offsets.out_features == 8 * 4 * 4 * 2 and attn.attention_weights.out_features == 8 * 4 * 4
+    assert attn.value_proj.in_features == 256
+
+
+def test_initial_diagonal_offsets_are_scaled_to_a_unit_larger_side():
+    offsets = attention(n_heads=8, n_points=2).sampling_offsets.bias.detach().view(8, 3, 2, 2)
+    torch.testing.assert_close(offsets[1, 0], torch.tensor([[1.0, 1.0], [2.0, 2.0]]))  # 45 degrees
+    torch.testing.assert_close(offsets[3, 2], torch.tensor([[-1.0, 1.0], [-2.0, 2.0]]))  # 135 degrees
+    torch.testing.assert_close(offsets[4, 1], torch.tensor([[-1.0, 0.0], [-2.0, 0.0]]))  # 180 degrees
+
+
+def test_fully_padded_value_reads_zero():
+    attn = attention()
+    g = torch.Generator().manual_seed(8)
+    set_random_offsets_and_weights(attn, g)
+    with torch.no_grad():
+        attn.value_proj.bias.normal_(generator=g)
+        attn.output_proj.bias.normal_(generator=g)
+    query, value = torch.randn(2, 4, 16, generator=g), torch.randn(2, S, 16, generator=g)
+    reference = torch.rand(2, 4, 2, generator=g) * 0.5 + 0.25
+    out = attn(query, reference, value, SHAPES, padding_mask=torch.ones(2, S, dtype=torch.bool))
+    torch.testing.assert_close(out, attn.output_proj.bias.detach().expand(2, 4, 16))
+
+
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_spatial_shapes_may_stay_on_the_cpu_while_the_data_are_elsewhere(ref_dim):
+    # the meta device stands in for a GPU: spatial_shapes stays on the CPU (flatten_levels makes it there)
+    attn = attention().to("meta")
+    query, value = torch.empty(2, 4, 16, device="meta"), torch.empty(2, S, 16, device="meta")
+    out = attn(query, torch.empty(2, 4, ref_dim, device="meta"), value, SHAPES)
+    assert out.device.type == "meta" and out.shape == (2, 4, 16)
+
+
 def test_bad_inputs_raise_clear_errors():
     attn = attention()
     query, value, reference = torch.randn(1, 2, 16), torch.randn(1, S, 16), torch.rand(1, 2, 2)
@@ -196,6 +243,8 @@ def test_bad_inputs_raise_clear_errors():
         attn(query, torch.rand(1, 2, 3), value, SHAPES)
     with pytest.raises(ValueError, match="reference"):
         attn(query, torch.rand(1, 2, 2, 2), value, SHAPES)
+    with pytest.raises(ValueError, match=r"d_model \(16\) must be divisible by n_heads \(3\)"):
+        MSDeformAttn(16, n_levels=3, n_heads=3)
 
 
 def test_decoder_layer_shapes_and_gradients_with_other_value_channels():
