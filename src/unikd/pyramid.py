@@ -49,12 +49,12 @@ class Pyramid:
                  for f, s in zip(self.levels, self.strides)] for h, w in self.image_sizes]
 
     def valid_ratios(self) -> Tensor:
-        """``[B, L, 2]`` float ``(x, y)``: the image's width and height in units of the level's width and
+        """``[B, L, 2]`` float32 ``(x, y)``: the image's width and height in units of the level's width and
         height, ``w / (stride * W_l)``. A point at normalised image coordinates ``p`` lies at ``p * ratio`` in
         the level's own normalised coordinates (Deformable DETR's valid ratios, exact in pixels)."""
         shapes = [f.shape[-2:] for f in self.levels]
         ratios = [[(w / (s * W), h / (s * H)) for (H, W), s in zip(shapes, self.strides)] for h, w in self.image_sizes]
-        return torch.tensor(ratios, dtype=self.levels[0].dtype).to(self.levels[0].device, non_blocking=True)
+        return torch.tensor(ratios, dtype=torch.float32).to(self.levels[0].device, non_blocking=True)
 
     def padding_masks(self) -> list[Tensor]:
         """Per level ``[B, H_l, W_l]`` bool, True on cells that lie wholly in the padding."""
