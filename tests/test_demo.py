@@ -16,7 +16,6 @@ from unikd.config import AKEConfig
 from unikd.demo import Journal, Stage, run_stage
 from unikd.distill import KnowledgeExtractors
 from unikd.errors import UserError
-from unikd.report.probes import sampling_locations
 from unikd.transformer import Memory, msda
 
 FIGURES = {"map.png", "training_curves.png", "activation_maps.png", "sampling_points.png", "detections.png"}
@@ -175,6 +174,6 @@ def test_sampling_locations_are_those_the_attention_samples(reference_dim, monke
 
     monkeypatch.setattr(msda, "ms_deform_attn", spy)
     attn(query, level_reference, memory.tokens, memory.spatial_shapes)
-    locations, weights = sampling_locations(attn, query, level_reference, memory.spatial_shapes)
+    locations, weights = attn.sampling_locations(query, level_reference, memory.spatial_shapes)
     torch.testing.assert_close(locations, seen["locations"])
     torch.testing.assert_close(weights, seen["weights"])

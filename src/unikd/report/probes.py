@@ -14,7 +14,6 @@ from torchvision.ops import box_convert
 from ..config import DistillConfig
 from ..distill import KnowledgeExtractors, build_distiller
 from ..transformer import Memory
-from ..transformer.msda import MSDeformAttn
 
 QUERIES_SHOWN = 3  # per kind and image
 
@@ -28,23 +27,6 @@ def activation_maps(detector, images: list[Tensor]) -> list[dict[int, np.ndarray
     return [{stride: level[i].abs().mean(0)[:h, :w].numpy()
              for level, stride, (h, w) in zip(pyramid.levels, pyramid.strides, cells[i])}
             for i in range(len(images))]
-
-
-def sampling_locations(attn: MSDeformAttn, query: Tensor, reference: Tensor,
-                       spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
-    """Where ``attn`` samples, from its own inputs, as its ``forward`` computes it: locations
-    ``[B, Q, M, L, P, 2]`` (normalised ``(x, y)`` on each level's map) and attention weights ``[B, Q, M, L, P]``.
-
-    ``query`` ``[B, Q, C]``; ``reference`` ``[B, Q, L, 2 | 4]`` (per level, as the decoder layer passes it);
-    ``spatial_shapes`` ``[L, 2]`` ``(H_l, W_l)``.
-    """
-    (B, Q, _), M, L, P = query.shape, attn.n_heads, attn.n_levels, attn.n_points
-    offsets = attn.sampling_offsets(query).view(B, Q, M, L, P, 2)
-    weights = attn.attention_weights(query).view(B, Q, M, L * P).softmax(-1).view(B, Q, M, L, P)
-    ref = reference[:, :, None, :, None]
-    if reference.shape[-1] == 2:
-        return ref + offsets / spatial_shapes.flip(-1).to(offsets)[:, None], weights
-    return ref[..., :2] + offsets / P * ref[..., 2:] * 0.5, weights
 
 
 @dataclass
@@ -95,7 +77,7 @@ def sampled_queries(teacher, akes: KnowledgeExtractors, images: list[Tensor],
 
 def _first_extractor_samples(ake, queries, memory: Memory) -> tuple[Tensor, Tensor]:
     """Run ``f_e`` on ``queries`` and return the sampling locations and weights of its first layer's
-    cross-attention (:func:`sampling_locations`), from the inputs that layer received."""
+    cross-attention (``MSDeformAttn.sampling_locations``), from the inputs that layer received."""
     attn = ake.extractor[0].cross_attn
     seen = {}
     handle = attn.register_forward_pre_hook(lambda _m, args: seen.update(query=args[0], reference=args[1]))
@@ -103,7 +85,7 @@ def _first_extractor_samples(ake, queries, memory: Memory) -> tuple[Tensor, Tens
         ake.extract(queries, memory)
     finally:
         handle.remove()
-    return sampling_locations(attn, seen["query"], seen["reference"], memory.spatial_shapes)
+    return attn.sampling_locations(seen["query"], seen["reference"], memory.spatial_shapes)
 
 
 @torch.no_grad()

@@ -86,14 +86,28 @@ class MSDeformAttn(nn.Module):
 
     def forward(self, query: Tensor, reference: Tensor, value: Tensor, spatial_shapes: Tensor,
                 padding_mask: Tensor | None = None) -> Tensor:
-        """query ``[B, Q, d_model]``; reference ``[B, Q, L, 2]`` (points, normalised ``(x, y)``) or
-        ``[B, Q, L, 4]`` (boxes, normalised ``(cx, cy, w, h)``), or ``[B, Q, 2]`` / ``[B, Q, 4]`` for the same
-        reference on every level; value ``[B, S, d_value]``; spatial_shapes ``[L, 2]`` int64 ``(H_l, W_l)``;
-        padding_mask ``[B, S]`` bool, True = padded key (its value is zeroed).
+        """query ``[B, Q, d_model]``; reference as in :meth:`sampling_locations`; value ``[B, S, d_value]``;
+        spatial_shapes ``[L, 2]`` int64 ``(H_l, W_l)``; padding_mask ``[B, S]`` bool, True = padded key (its
+        value is zeroed). Returns ``[B, Q, d_model]``."""
+        B = query.shape[0]
+        locations, weights = self.sampling_locations(query, reference, spatial_shapes)
+        value = self.value_proj(value)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        value = value.view(B, value.shape[1], self.n_heads, self.d_model // self.n_heads)
+        return self.output_proj(ms_deform_attn(value, spatial_shapes, locations, weights))
+
+    def sampling_locations(self, query: Tensor, reference: Tensor, spatial_shapes: Tensor) -> tuple[Tensor, Tensor]:
+        """Where each query samples and with what weight.
+
+        query ``[B, Q, d_model]``; reference ``[B, Q, L, 2]`` (points, normalised ``(x, y)``) or ``[B, Q, L, 4]``
+        (boxes, normalised ``(cx, cy, w, h)``), or ``[B, Q, 2]`` / ``[B, Q, 4]`` for the same reference on every
+        level; spatial_shapes ``[L, 2]`` int64 ``(H_l, W_l)``.
 
         Point reference: ``loc = ref + offset / (W_l, H_l)`` (offsets in pixels of each level).
         Box reference: ``loc = ref_xy + offset / n_points * ref_wh / 2``.
-        Returns ``[B, Q, d_model]``.
+        Returns locations ``[B, Q, M, L, P, 2]`` (normalised ``(x, y)`` on each level's map) and attention weights
+        ``[B, Q, M, L, P]`` (softmax over each head's ``L * P`` samples).
         """
         B, Q, _ = query.shape
         M, L, P = self.n_heads, self.n_levels, self.n_points
@@ -103,18 +117,10 @@ class MSDeformAttn(nn.Module):
             reference = reference[:, :, None].expand(-1, -1, L, -1)
         if reference.dim() != 4 or reference.shape[2] != L or reference.shape[-1] not in (2, 4):
             raise ValueError(f"reference must be [B, Q, {L}, 2|4] or [B, Q, 2|4], got {list(reference.shape)}")
-
-        value = self.value_proj(value)
-        if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)
-        value = value.view(B, value.shape[1], M, self.d_model // M)
-
         offsets = self.sampling_offsets(query).view(B, Q, M, L, P, 2)
         weights = self.attention_weights(query).view(B, Q, M, L * P).softmax(-1).view(B, Q, M, L, P)
         ref = reference[:, :, None, :, None]  # [B, Q, 1, L, 1, 2|4]
         if reference.shape[-1] == 2:
             level_size = spatial_shapes.flip(-1).to(offsets.device, offsets.dtype)  # [L, 2] (W_l, H_l)
-            locations = ref + offsets / level_size[:, None]
-        else:
-            locations = ref[..., :2] + offsets / P * ref[..., 2:] * 0.5
-        return self.output_proj(ms_deform_attn(value, spatial_shapes, locations, weights))
+            return ref + offsets / level_size[:, None], weights
+        return ref[..., :2] + offsets / P * ref[..., 2:] * 0.5, weights
