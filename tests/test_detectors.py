@@ -16,6 +16,8 @@ LOSS_KEYS = {
     "retinanet": {"classification", "bbox_regression"},
     "fcos": {"classification", "bbox_regression", "bbox_ctrness"},
     "faster_rcnn": {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"},
+    "atss": {"classification", "bbox_regression", "bbox_ctrness"},
+    "reppoints": {"classification", "bbox_init", "bbox_refine"},
 }
 
 
@@ -57,7 +59,7 @@ def count_calls(module: torch.nn.Module) -> tuple[list, torch.utils.hooks.Remova
     return calls, module.register_forward_hook(lambda *_: calls.append(1))
 
 
-def test_registry_lists_the_three_families():
+def test_registry_lists_every_family():
     assert set(FAMILIES) == set(LOSS_KEYS)
     assert all(FAMILIES[name].family == name for name in FAMILIES)
 
@@ -120,6 +122,15 @@ def test_predict_gives_coco_ready_detections(detector):
         boxes = det["boxes"]
         assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
         assert (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+
+
+def test_predict_keeps_eval_mode(detector):
+    detector.eval()
+    try:
+        detector.predict(batch()[0])
+        assert not detector.training and not any(m.training for m in detector.modules())
+    finally:
+        detector.train()
 
 
 def test_transform_keeps_the_loader_scale(detector):

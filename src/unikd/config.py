@@ -38,14 +38,16 @@ class DataConfig:
 class DetectorConfig:
     """One detector, built from torchvision parts (see :mod:`unikd.detectors`)."""
 
-    family: str = "retinanet"  # retinanet | fcos | faster_rcnn
+    family: str = "retinanet"  # retinanet | fcos | faster_rcnn | atss | reppoints
     backbone: str = "resnet18"  # any torchvision ResNet/ResNeXt/Wide-ResNet name
-    fpn_channels: int = 64  # RetinaNet, FCOS: a multiple of 32 (their heads use GroupNorm with 32 groups)
+    fpn_channels: int = 64  # RetinaNet, FCOS, ATSS, RepPoints: a multiple of 32 (GroupNorm heads, 32 groups)
     anchor_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])  # base size per FPN level
     trainable_layers: int = 5  # backbone stages that train (5 = all)
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
+    # RepPoints only: how a point set becomes a box (moment: mean +- learned multiple of the std; minmax).
+    point_transform: str = "moment"
     # Two-stage (faster_rcnn) only: proposal and RoI sampling counts, used in training and inference.
     rpn_pre_nms_top_n: int = 1000
     rpn_post_nms_top_n: int = 1000

@@ -6,16 +6,20 @@
 from __future__ import annotations
 
 from unikd.config import ConfigError, DetectorConfig
+from unikd.detectors.atss import ATSSAdapter
 from unikd.detectors.base import DetectorAdapter
 from unikd.detectors.faster_rcnn import FasterRCNNAdapter
 from unikd.detectors.one_stage import FCOSAdapter, RetinaNetAdapter
 from unikd.detectors.registry import FAMILIES, register_family
+from unikd.detectors.reppoints import RepPointsAdapter
 
 __all__ = [
+    "ATSSAdapter",
     "FAMILIES",
     "DetectorAdapter",
     "FCOSAdapter",
     "FasterRCNNAdapter",
+    "RepPointsAdapter",
     "RetinaNetAdapter",
     "build_detector",
     "register_family",
