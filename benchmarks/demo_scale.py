@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from distill_cost import step_fn
 
 from unikd.config import load_config
 from unikd.data import CocoDetection, build_digits_det, collate
@@ -57,19 +58,6 @@ def stage_models(scale: Scale) -> dict[str, torch.nn.Module]:
                                     akes if method == "unikd" else None)
         models[method] = DistillationModel(student, teacher if distiller else None, distiller).train()
     return models
-
-
-def step_fn(model: torch.nn.Module, images, targets):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        out = model(images, targets)
-        losses = out[0] if isinstance(out, tuple) else out
-        optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        optimizer.step()
-
-    return step
 
 
 def predict_fn(model: torch.nn.Module, images):
