@@ -31,7 +31,7 @@ test-all: $(STAMP)
 MUTANTS ?=
 MUTMUT_CHILDREN ?= 1
 mutation: $(STAMP)
-	$(BIN)/mutmut --version >/dev/null 2>&1 || $(BIN)/pip install --quiet -e '.[test,tensorboard,mutation]'
+	$(BIN)/mutmut --version >/dev/null 2>&1 || $(BIN)/pip install --quiet -e '.[test,tensorboard,plots,mutation]'
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/mutmut run --max-children $(MUTMUT_CHILDREN) $(foreach m,$(MUTANTS),'$(m)')
 	$(BIN)/mutmut results
 	$(BIN)/python benchmarks/mutation_counts.py --command "make mutation$(if $(MUTANTS), MUTANTS='$(MUTANTS)')"
