@@ -13,8 +13,8 @@ from torchvision.ops import box_convert, box_iou
 from unikd.config import AKEConfig, DetectorConfig, DistillConfig
 from unikd.detectors import build_detector
 from unikd.distill import (METHODS, AbsorbModel, Adaptor, AKEMismatchError, DistillationModel, Distiller, FitNet,
-                           KnowledgeExtractors, UniKD, build_distiller, foreground_mask, knowledge_distance, load_ake,
-                           nearest_levels, register_method, resample_level, save_ake, teacher_fingerprint)
+                           KnowledgeExtractors, Levels, UniKD, build_distiller, foreground_mask, knowledge_distance,
+                           load_ake, nearest_levels, register_method, resample_level, save_ake, teacher_fingerprint)
 from unikd.distill.common import normalise_targets
 from unikd.pyramid import Pyramid
 from unikd.transformer import HungarianMatcher, Memory
@@ -235,8 +235,16 @@ def test_query_switches_select_the_terms(pair):
     student = random_pyramid([(40, 64), (64, 48)], STUDENT_STRIDES, 32, seed=9)
     for queries, keys in {"content": {"loss_kd_ct"}, "positional": {"loss_kd_pos"}}.items():
         assert set(unikd(pair, queries=queries).loss(teacher, student, targets)) == keys
-    with pytest.raises(ValueError, match="distill.queries"):
+    with pytest.raises(ValueError, match=r"^distill\.queries: unknown value 'all' \(choose both, content, "
+                                         r"positional\)$"):
         unikd(pair, queries="all")
+    teacher, student, _ = pair
+    levels = (Levels(student.feature_strides, student.feature_channels),
+              Levels(teacher.feature_strides, teacher.feature_channels))
+    with pytest.raises(ValueError, match="^UniKD needs the stage-1 AKEs$"):
+        UniKD(*levels, DistillConfig(**SMALL_DISTILL), torch.ones(5))
+    with pytest.raises(ValueError, match="^teacher_rms has 4 levels, the teacher 5$"):
+        FitNet(*levels, DistillConfig(**SMALL_DISTILL), torch.ones(4))
 
 
 def test_knowledge_distance_equals_a_hand_computation():
@@ -249,6 +257,8 @@ def test_knowledge_distance_equals_a_hand_computation():
     assert knowledge_distance(z_s, z_t, no_positive).tolist() == pytest.approx([(2.5 + 1 + 2) / 3])
     all_positive = torch.ones(1, 3, dtype=torch.bool)
     assert knowledge_distance(z_s, z_t, all_positive).tolist() == pytest.approx([(2.5 + 1 + 2) / 3])
+    one_each = knowledge_distance(z_s[:, :2], z_t[:, :2], positive[:, :2])  # one positive, one negative
+    assert one_each.tolist() == pytest.approx([2.5 + 1.0])
     two = knowledge_distance(torch.cat([z_s, z_t]), torch.cat([z_t, z_t]), torch.cat([positive, positive]))
     assert two.tolist() == pytest.approx([4.0, 0.0])  # one value per image
 
@@ -259,6 +269,9 @@ def test_stage2_gradients_are_nonzero_where_they_flow_and_exactly_zero_elsewhere
     model = DistillationModel(student, teacher, distiller)
     model.train()
     assert not teacher.training and not akes.training and student.training
+    distiller.eval()
+    distiller.train()  # the default mode trains φ; the AKEs stay in eval mode
+    assert distiller.adaptor.training and not akes.training
     assert not any(p.requires_grad for p in akes.parameters())
     assert {n.split(".")[0] for n, _ in model.named_parameters() if n.split(".")[0] != "student"} == {"distiller"}
     with torch.no_grad():  # as after some training: the queries steer φ's sampling (zero at init)

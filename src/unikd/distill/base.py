@@ -15,7 +15,6 @@ from unikd.config import DistillConfig
 from unikd.pyramid import Pyramid
 
 from .adaptor import Adaptor
-from .ake import KnowledgeExtractors
 
 
 @dataclass(frozen=True)
@@ -33,15 +32,16 @@ class Distiller(nn.Module):
         student, teacher: their level structures.
         cfg: the ``distill`` config section.
         teacher_rms: ``[L]`` the teacher's fixed per-level scale (:mod:`unikd.distill.teacher_scale`).
-        akes: the frozen stage-1 extractors, for methods with ``needs_akes``.
+
+    Subclasses take ``(student, teacher, cfg, teacher_rms, akes=None)``: ``akes`` are the frozen stage-1
+    extractors, given to methods with ``needs_akes``.
     """
 
     method: ClassVar[str]
     needs_akes: ClassVar[bool] = False
     default_adaptor_layers: ClassVar[int] = 2
 
-    def __init__(self, student: Levels, teacher: Levels, cfg: DistillConfig, teacher_rms: Tensor,
-                 akes: KnowledgeExtractors | None = None):
+    def __init__(self, student: Levels, teacher: Levels, cfg: DistillConfig, teacher_rms: Tensor):
         super().__init__()
         if len(teacher_rms) != len(teacher.strides):
             raise ValueError(f"teacher_rms has {len(teacher_rms)} levels, the teacher {len(teacher.strides)}")

@@ -64,7 +64,7 @@ class FitNet(Distiller):
 
     def __init__(self, student: Levels, teacher: Levels, cfg: DistillConfig, teacher_rms: Tensor,
                  akes: KnowledgeExtractors | None = None):
-        super().__init__(student, teacher, cfg, teacher_rms, akes)
+        super().__init__(student, teacher, cfg, teacher_rms)
         self.register_buffer("teacher_rms", teacher_rms.detach().clone().float())
 
     def per_image_losses(self, teacher: Pyramid, student: Pyramid,

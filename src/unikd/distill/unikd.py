@@ -63,7 +63,7 @@ class UniKD(Distiller):
             raise ConfigError(f"distill.queries: unknown value '{cfg.queries}' (choose {', '.join(QUERY_SETS)})")
         if akes is None:
             raise ValueError("UniKD needs the stage-1 AKEs")
-        super().__init__(student, teacher, cfg, teacher_rms, akes)
+        super().__init__(student, teacher, cfg, teacher_rms)
         self.akes = akes.eval().requires_grad_(False)
         self.matcher = HungarianMatcher()
 
