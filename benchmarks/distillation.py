@@ -149,8 +149,9 @@ def write_results(doc: Path, folder: Path, command: str) -> None:
         teacher = ap(results, f"teacher_{fam}")
         ake_cells = ([f"{100 * report['ake_val']['AP']:.1f}", f"{report['fraction_of_teacher_training']:.0%}"]
                      if report else ["not run", "–"])
-        lines.append(f"| {fam} | {'–' if teacher is None else f'{teacher:.1f}'} | {len(gains['margin'])} | {mean_std(gains['fitnet'])} | {mean_std(gains['unikd'])} "
-                     f"| {mean_std(gains['margin'])} | " + " | ".join(ake_cells) + " |")
+        cells = [fam, "–" if teacher is None else f"{teacher:.1f}", str(len(gains["margin"])),
+                 mean_std(gains["fitnet"]), mean_std(gains["unikd"]), mean_std(gains["margin"]), *ake_cells]
+        lines.append("| " + " | ".join(cells) + " |")
     replace_section(doc, "\n".join(lines) + "\n", title="# Results")
 
 

@@ -328,8 +328,9 @@ def test_fitnet_is_the_foreground_mse_of_every_level_in_teacher_units(pair):
                     # the student cell under that pixel, bilinearly (strides here are powers of two)
                     u, v = x / stride_s - 0.5, y / stride_s - 0.5
                     value = torch.zeros(f_s.shape[1])
-                    for rr, wy in ((math.floor(v), 1 - (v - math.floor(v))), (math.floor(v) + 1, v - math.floor(v))):
-                        for cc, wx in ((math.floor(u), 1 - (u - math.floor(u))), (math.floor(u) + 1, u - math.floor(u))):
+                    fv, fu = math.floor(v), math.floor(u)
+                    for rr, wy in ((fv, 1 - (v - fv)), (fv + 1, v - fv)):
+                        for cc, wx in ((fu, 1 - (u - fu)), (fu + 1, u - fu)):
                             inside = 0 <= rr < math.ceil(student.image_sizes[i][0] / stride_s) and \
                                 0 <= cc < math.ceil(student.image_sizes[i][1] / stride_s)
                             if inside and wx * wy:

@@ -24,6 +24,6 @@ from .unikd import TeacherKnowledge, UniKD, knowledge_distance
 __all__ = [
     "AKE", "AKEMismatchError", "AbsorbModel", "Adaptor", "DistillationModel", "Distiller", "FitNet",
     "KnowledgeExtractors", "Levels", "METHODS", "TeacherKnowledge", "UniKD", "build_distiller", "foreground_mask",
-    "knowledge_distance", "load_ake", "measure_teacher_rms", "method_class", "method_names", "nearest_levels", "register_method",
-    "resample_level", "sample_query_boxes", "sample_query_boxes_batch", "save_ake", "teacher_fingerprint",
+    "knowledge_distance", "load_ake", "measure_teacher_rms", "method_class", "method_names", "nearest_levels",
+    "register_method", "resample_level", "sample_query_boxes", "sample_query_boxes_batch", "save_ake", "teacher_fingerprint",
 ]
