@@ -1,6 +1,7 @@
 """Distil each family's R50 teacher into the R18 RetinaNet student: the student alone, FitNet and UniKD, per seed.
 
-    python benchmarks/distillation.py [--seeds 0 1] [--runs runs/distill] [--teachers runs/baselines] [--jobs 2]
+    python benchmarks/distillation.py [--seeds 0 1] [--families F ...] [--runs runs/distill] [--teachers runs/baselines]
+        [--jobs 2]
     python benchmarks/distillation.py --table-only     # rebuild the docs table from the committed JSONs
 
 Needs the teachers of ``benchmarks/baselines.py`` (``TEACHERS/FAMILY_r50_teacher/last.pt``). Jobs, each resumable
@@ -61,7 +62,7 @@ def schedule(args, threads: int) -> None:
     data = ["--data", str(args.data)]
     with ThreadPoolExecutor(args.jobs) as pool:
         akes: dict[str, Future] = {}
-        for fam in FAMILIES:
+        for fam in args.families:
             record(args.results, teacher_checkpoint(args.teachers, fam).parent, f"teacher_{fam}")
 
         def stage1(fam: str) -> None:
@@ -80,10 +81,10 @@ def schedule(args, threads: int) -> None:
             run_job(cmd, args.runs / name, "eval.json", threads)
             record(args.results, args.runs / name, name, {"teacher": fam, "method": method, "seed": seed})
 
-        for fam in FAMILIES:
+        for fam in args.families:
             akes[fam] = pool.submit(stage1, fam)
-        runs = [pool.submit(stage2, FAMILIES[0], "none", seed) for seed in args.seeds]
-        runs += [pool.submit(stage2, fam, m, seed) for seed in args.seeds for m in METHODS for fam in FAMILIES]
+        runs = [pool.submit(stage2, args.families[0], "none", seed) for seed in args.seeds]
+        runs += [pool.submit(stage2, fam, m, seed) for seed in args.seeds for m in METHODS for fam in args.families]
         for job in [*akes.values(), *runs]:
             job.result()
 
@@ -158,6 +159,8 @@ def write_results(doc: Path, folder: Path, command: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
+                        help="teachers to run (all by default; the table always lists all)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "distill")
     parser.add_argument("--teachers", type=Path, default=ROOT / "runs" / "baselines")
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "digits-det")
@@ -167,7 +170,7 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from the JSONs")
     args = parser.parse_args()
     if not args.table_only:
-        for fam in FAMILIES:
+        for fam in args.families:
             if not teacher_checkpoint(args.teachers, fam).exists():
                 sys.exit(f"missing teacher {teacher_checkpoint(args.teachers, fam)}: run benchmarks/baselines.py first")
         tic = time.time()
