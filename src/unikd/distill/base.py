@@ -33,8 +33,7 @@ class Distiller(nn.Module):
         cfg: the ``distill`` config section.
         teacher_rms: ``[L]`` the teacher's fixed per-level scale (:mod:`unikd.distill.teacher_scale`).
 
-    Subclasses take ``(student, teacher, cfg, teacher_rms, akes=None)``: ``akes`` are the frozen stage-1
-    extractors, given to methods with ``needs_akes``.
+    A method with ``needs_akes`` takes the frozen stage-1 extractors as a fifth argument, ``akes``.
     """
 
     method: ClassVar[str]

@@ -15,7 +15,6 @@ from torch import Tensor
 from unikd.config import DistillConfig
 from unikd.pyramid import Pyramid
 
-from .ake import KnowledgeExtractors
 from .base import Distiller, Levels
 from .registry import register_method
 
@@ -62,8 +61,7 @@ class FitNet(Distiller):
 
     default_adaptor_layers = 1
 
-    def __init__(self, student: Levels, teacher: Levels, cfg: DistillConfig, teacher_rms: Tensor,
-                 akes: KnowledgeExtractors | None = None):
+    def __init__(self, student: Levels, teacher: Levels, cfg: DistillConfig, teacher_rms: Tensor):
         super().__init__(student, teacher, cfg, teacher_rms)
         self.register_buffer("teacher_rms", teacher_rms.detach().clone().float())
 

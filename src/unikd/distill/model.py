@@ -44,8 +44,9 @@ def build_distiller(method: str, cfg: DistillConfig, student: DetectorAdapter, t
         teacher_rms = akes.teacher_rms
     elif teacher_rms is None:
         raise ValueError(f"distill.method {method} needs the teacher's per-level scale (teacher_rms)")
-    return cls(Levels(student.feature_strides, student.feature_channels),
-               Levels(teacher.feature_strides, teacher.feature_channels), cfg, teacher_rms, akes)
+    args = (Levels(student.feature_strides, student.feature_channels),
+            Levels(teacher.feature_strides, teacher.feature_channels), cfg, teacher_rms)
+    return cls(*args, akes) if cls.needs_akes else cls(*args)
 
 
 class DistillationModel(WithFrozenTeacher):
