@@ -98,6 +98,10 @@ def test_each_images_knowledge_and_losses_equal_those_of_the_image_alone(pair):
     teacher = random_pyramid(sizes, TEACHER_STRIDES, 64, seed=1)
     student = random_pyramid(sizes, STUDENT_STRIDES, 32, seed=2)
     distiller, baseline = unikd(pair, adaptor_layers=1), fitnet(pair)
+    with torch.no_grad():  # as after training: φ's queries (and so its position embedding) steer its sampling
+        for layer in [*distiller.adaptor.layers, *baseline.adaptor.layers]:
+            layer.self_attn.sampling_offsets.weight.normal_(std=0.05)
+            layer.self_attn.attention_weights.weight.normal_(std=0.5)
     torch.manual_seed(0)
     knowledge = distiller.teacher_knowledge(teacher, targets)
     d_batch = distiller.distances(knowledge, distiller.adaptor(student))
@@ -364,6 +368,9 @@ def test_resample_level_reads_the_same_pixels():
     centre = (torch.arange(8.0) * 4 + 2) / 8 - 0.5
     expected = 4 * centre[:, None] + centre[None, :]
     torch.testing.assert_close(fine[0, 0, 1:7, 1:7], expected[1:7, 1:7])
+    torch.testing.assert_close(resample_level(source, 8, (3, 3), 8), source[..., :3, :3])  # same stride, smaller
+    same_size = resample_level(source, 8, (4, 4), 16)  # stride 16 centres at pixels 8, 24, 40, 56: cells 0.5, ...
+    torch.testing.assert_close(same_size[0, 0, :2, :2], torch.tensor([[2.5, 4.5], [10.5, 12.5]]))
     coarse = resample_level(source, 8, (2, 2), 16)  # stride 16 centres at pixels 8 and 24: source cells 0.5, 2.5
     torch.testing.assert_close(coarse[0, 0], torch.tensor([[2.5, 4.5], [10.5, 12.5]]))
 
@@ -374,7 +381,8 @@ def test_adaptor_maps_levels_by_nearest_stride_and_ends_in_an_affine_norm():
     assert nearest_levels([8, 32], [16]) == [0]  # a tie takes the finer level
     student = random_pyramid([(64, 64), (64, 40)], STUDENT_STRIDES, 32, seed=12)
     for layers in (0, 2):
-        phi = Adaptor(STUDENT_STRIDES, [32] * 5, TEACHER_STRIDES, [64] * 5, layers=layers, n_heads=4)
+        phi = Adaptor(STUDENT_STRIDES, [32] * 5, TEACHER_STRIDES, [64] * 5, layers=layers, n_heads=6, n_points=4)
+        assert all(layer.self_attn.n_heads == 2 for layer in phi.layers)  # gcd(6, 64): heads that divide C
         out = phi(student)
         assert [tuple(f.shape) for f in out.levels] == [(2, 64, 8, 8), (2, 64, 8, 8), (2, 64, 4, 4), (2, 64, 2, 2),
                                                         (2, 64, 1, 1)]
@@ -387,9 +395,44 @@ def test_adaptor_maps_levels_by_nearest_stride_and_ends_in_an_affine_norm():
             phi.norms[2].bias.fill_(1.0)
         torch.testing.assert_close(phi(student).levels[2], 3 * out.levels[2] + 1, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="one channel count"):
-        Adaptor([8], [32], [8, 16], [64, 128], layers=1)
-    mixed = Adaptor([8], [32], [8, 16], [64, 128], layers=0)(Pyramid(student.levels[:1], [8], student.image_sizes))
+        Adaptor([8], [32], [8, 16], [64, 128], layers=1, n_heads=8, n_points=4)
+    mixed = Adaptor([8], [32], [8, 16], [64, 128], layers=0, n_heads=8, n_points=4)
+    mixed = mixed(Pyramid(student.levels[:1], [8], student.image_sizes))
     assert [tuple(f.shape) for f in mixed.levels] == [(2, 64, 8, 8), (2, 128, 8, 8)]
+
+
+def test_build_distiller_checks_the_teacher_scale_and_passes_the_adaptor_settings(pair):
+    teacher, student, akes = pair
+    with pytest.raises(ValueError, match="^teacher_rms differs from the one stored with the AKEs$"):
+        build_distiller("unikd", DistillConfig(), student, teacher, torch.full((5,), 7.0), akes)
+    same = build_distiller("unikd", DistillConfig(**SMALL_DISTILL), student, teacher, akes.teacher_rms.clone(), akes)
+    assert same.akes is akes
+    with pytest.raises(ValueError, match=r"^distill.method fitnet needs the teacher's per-level scale \(teacher_rms\)$"):
+        build_distiller("fitnet", DistillConfig(), student, teacher)
+    for method, default in (("unikd", 2), ("fitnet", 1)):
+        cfg = DistillConfig(adaptor_heads=2, adaptor_points=3)
+        extra = (None, akes) if method == "unikd" else (torch.ones(5),)
+        made = build_distiller(method, cfg, student, teacher, *extra)
+        assert len(made.adaptor.layers) == default
+        attention = made.adaptor.layers[0].self_attn
+        assert (attention.n_heads, attention.n_points) == (2, 3)
+        cfg.adaptor_layers = 0
+        made = build_distiller(method, cfg, student, teacher, *extra)
+        assert len(made.adaptor.layers) == 0
+
+
+def test_distillation_model_adds_the_distillers_losses_to_the_students(pair):
+    teacher, student, _ = pair
+    images, targets = batch()
+    with pytest.raises(ValueError, match="^a distiller needs a teacher$"):
+        DistillationModel(student, None, fitnet(pair))
+    alone = DistillationModel(student, None, None).train()
+    assert alone.teacher is None and set(alone(images, targets)) == {"classification", "bbox_regression"}
+    model = DistillationModel(student, teacher, fitnet(pair)).train()
+    assert model.teacher.module is teacher and model.student is student
+    losses = model(images, targets)
+    assert set(losses) == {"classification", "bbox_regression", "loss_fitnet"} and losses["loss_fitnet"] > 0
+    assert len(model.predict(images)) == 2 and student.training  # predict is the student's, mode restored
 
 
 def test_methods_are_registered_and_a_new_one_is_one_class(pair):
@@ -477,7 +520,9 @@ def test_ake_file_keeps_the_teacher_scale_and_refuses_another_teacher(pair, tmp_
         assert torch.equal(a, b), name
 
     other = detector("faster_rcnn", 64)  # same architecture, other weights
-    with pytest.raises(AKEMismatchError, match="another teacher.*weights_sha256"):
+    with pytest.raises(AKEMismatchError, match=r"was trained for another teacher \(weights_sha256: AKE trained for "
+                                               r"'[0-9a-f]{64}', teacher has '[0-9a-f]{64}'\); run 'unikd "
+                                               r"pretrain-ake' with this teacher first$"):
         load_ake(path, teacher_fingerprint(other, cfg))
     retina = detector("retinanet", 64)
     with pytest.raises(AKEMismatchError, match="family"):

@@ -312,3 +312,16 @@ def test_encoder_reference_points_are_pixel_centres():
     torch.testing.assert_close(ref[:, 0], ref[:, 1])
     torch.testing.assert_close(ref[5, 0], torch.tensor([1.5 / 4, 1.5 / 2]))
     torch.testing.assert_close(ref[9, 0], torch.tensor([1.5 / 2, 0.5]))
+
+
+def test_encoder_layer_is_attention_then_ffn_each_with_a_residual_and_norm():
+    torch.manual_seed(8)
+    layer = DeformableEncoderLayer(d_model=8, n_levels=2, n_heads=2, n_points=2, d_ffn=16)
+    with torch.no_grad():  # let the query steer the sampling (zero at init)
+        layer.self_attn.sampling_offsets.weight.normal_(std=0.3)
+        layer.self_attn.attention_weights.weight.normal_()
+    shapes = torch.tensor([[4, 4], [2, 2]])
+    src, pos = torch.randn(2, 20, 8), torch.randn(20, 8)
+    reference = encoder_reference_points(shapes, 2).expand(2, -1, -1, -1)
+    x = layer.norm1(src + layer.self_attn(src + pos, reference, src, shapes))  # the position goes to the query only
+    torch.testing.assert_close(layer(src, pos, shapes), layer.ffn.norm(x + layer.ffn.ffn(x)))

@@ -33,7 +33,7 @@ class Adaptor(nn.Module):
     ``teacher_channels``). ``layers`` encoder layers need equal teacher channels on every level."""
 
     def __init__(self, student_strides: list[int], student_channels: list[int], teacher_strides: list[int],
-                 teacher_channels: list[int], layers: int = 2, n_heads: int = 8, n_points: int = 4):
+                 teacher_channels: list[int], *, layers: int, n_heads: int, n_points: int):
         super().__init__()
         self.source = nearest_levels(student_strides, teacher_strides)
         self.proj = nn.ModuleList(nn.Conv2d(student_channels[s], c, 1) for s, c in zip(self.source, teacher_channels))
