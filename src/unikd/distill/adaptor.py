@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from unikd.pyramid import Pyramid
 from unikd.transformer import DeformableEncoderLayer, sine_position_embedding, unflatten_levels
