@@ -16,7 +16,7 @@ Needs the teachers of ``benchmarks/baselines.py`` (``TEACHERS/FAMILY_r50_teacher
 
 Each finished run's metrics go to ``benchmarks/results/distillation/NAME.json`` (small, committed), and the
 table in docs/results.md is built from those files only, so it survives a change of machine. ``--jobs`` run
-side by side, each with ``cores / jobs`` torch threads; a UniKD run waits for its AKEs.
+side by side, each with ``--threads`` (default ``cores / jobs``) torch threads; a UniKD run waits for its AKEs.
 """
 from __future__ import annotations
 
@@ -165,6 +165,8 @@ def main() -> None:
     parser.add_argument("--teachers", type=Path, default=ROOT / "runs" / "baselines")
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "digits-det")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per job (default: cores / jobs); set it when other work shares the cores")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the per-run JSONs")
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from the JSONs")
@@ -174,7 +176,7 @@ def main() -> None:
             if not teacher_checkpoint(args.teachers, fam).exists():
                 sys.exit(f"missing teacher {teacher_checkpoint(args.teachers, fam)}: run benchmarks/baselines.py first")
         tic = time.time()
-        schedule(args, threads=max(1, (os.cpu_count() or 1) // args.jobs))
+        schedule(args, threads=args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
         print(f"done in {(time.time() - tic) / 60:.1f} min")
     write_results(args.doc, args.results, "python benchmarks/distillation.py " + " ".join(sys.argv[1:]))
     print(args.doc.read_text())

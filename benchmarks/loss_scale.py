@@ -1,6 +1,6 @@
 """Loss scales at the start of stage 2, per teacher: what the distillation weights are set from.
 
-    python benchmarks/loss_scale.py [--teachers runs/baselines] [--akes runs/distill]
+    python benchmarks/loss_scale.py [--teachers runs/baselines] [--akes runs/distill] [--families F ...]
 
 On the first 8 digits-det train images, with the untrained R18 RetinaNet student of
 ``configs/digits/distill_retinanet_r18.yaml``: the student's detection loss, each teacher's fixed per-level RMS
@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--teachers", type=Path, default=ROOT / "runs" / "baselines")
     parser.add_argument("--akes", type=Path, default=ROOT / "runs" / "distill")
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "digits-det")
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -56,7 +57,7 @@ def main() -> None:
     with torch.no_grad():
         losses, student_features = student(images, targets)
         detection = sum(losses.values()).item()
-        for fam in FAMILIES:
+        for fam in args.families:
             teacher, tcfg = load_detector(args.teachers / f"{fam}_r50_teacher" / "last.pt")
             teacher_features = teacher.extract_features(images)
             teacher_rms = measure_teacher_rms(teacher, dataset, collate)
