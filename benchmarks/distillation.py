@@ -4,7 +4,8 @@
         [--jobs 2]
     python benchmarks/distillation.py --table-only     # rebuild the docs table from the committed JSONs
 
-Needs the teachers of ``benchmarks/baselines.py`` (``TEACHERS/FAMILY_r50_teacher/last.pt``). Jobs, each resumable
+Needs the finished teachers of ``benchmarks/baselines.py`` (``TEACHERS/FAMILY_r50_teacher/last.pt`` beside its
+``eval.json``; with ``--wait-teachers``, a teacher's stage 1 waits for one still in training). Jobs, each resumable
 (a finished one is skipped, an interrupted one continues from its ``last.pt``):
 
 - stage 1 per teacher (one set of AKEs per teacher, shared by the seeds): ``unikd pretrain-ake
@@ -62,10 +63,12 @@ def schedule(args, threads: int) -> None:
     data = ["--data", str(args.data)]
     with ThreadPoolExecutor(args.jobs) as pool:
         akes: dict[str, Future] = {}
-        for fam in args.families:
-            record(args.results, teacher_checkpoint(args.teachers, fam).parent, f"teacher_{fam}")
 
         def stage1(fam: str) -> None:
+            teacher = teacher_checkpoint(args.teachers, fam).parent
+            while not (teacher / "eval.json").exists():  # only with --wait-teachers: still in training
+                time.sleep(30)
+            record(args.results, teacher, f"teacher_{fam}")
             out = args.runs / f"ake_{fam}"
             run_job(["pretrain-ake", str(AKE_CONFIG), "--teacher", str(teacher_checkpoint(args.teachers, fam)),
                      *data], out, "report.json", threads)
@@ -169,12 +172,15 @@ def main() -> None:
                         help="torch threads per job (default: cores / jobs); set it when other work shares the cores")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the per-run JSONs")
+    parser.add_argument("--wait-teachers", action="store_true",
+                        help="a teacher still in training: its stage 1 waits for its eval.json")
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from the JSONs")
     args = parser.parse_args()
     if not args.table_only:
         for fam in args.families:
-            if not teacher_checkpoint(args.teachers, fam).exists():
-                sys.exit(f"missing teacher {teacher_checkpoint(args.teachers, fam)}: run benchmarks/baselines.py first")
+            if not (teacher_checkpoint(args.teachers, fam).parent / "eval.json").exists() and not args.wait_teachers:
+                sys.exit(f"teacher {teacher_checkpoint(args.teachers, fam)} is missing or unfinished (no eval.json): "
+                         "run benchmarks/baselines.py first, or pass --wait-teachers while it runs")
         tic = time.time()
         schedule(args, threads=args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
         print(f"done in {(time.time() - tic) / 60:.1f} min")
