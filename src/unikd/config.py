@@ -1,16 +1,20 @@
 """Experiment configuration: typed dataclasses, loaded from YAML and validated on load.
 
-An unknown key or a value of the wrong type is a :class:`ConfigError` that names the dotted key.
-Command-line overrides use the same path: ``--set train.lr=0.02``.
+An unknown key, a value of the wrong type or a value out of its range (:data:`LIMITS`) is a
+:class:`ConfigError` that names the dotted key. Command-line overrides use the same path:
+``--set train.lr=0.02``. YAML is read with one change to PyYAML's YAML 1.1 rules: ``1e-3`` (an exponent
+without a dot) is a number, as in YAML 1.2, not a string.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -75,6 +79,7 @@ class TrainConfig:
     eval_every: int = 0  # evaluate every k epochs (0 = only at the end)
     log_every: int = 20
     threads: int = 0  # torch intra-op threads per process (0 = torch's default)
+    keep_checkpoints: int = 2  # older step checkpoints kept besides the newest (last.pt); 0 keeps only that one
     tensorboard: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
@@ -117,6 +122,64 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     ake: AKEConfig = field(default_factory=AKEConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but ``1e-3``, ``2E5`` and ``-1e+2`` are floats (YAML 1.2's rule)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                              list("-+0123456789"))
+
+
+def read_yaml(text: str):
+    """Parse YAML ``text`` as configs are read (``1e-3`` is a number)."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def _at_least(low: float) -> tuple[Callable[[float], bool], str]:
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _above(low: float) -> tuple[Callable[[float], bool], str]:
+    return (lambda v: v > low), f"> {low}"
+
+
+def _within(low: float, high: float) -> tuple[Callable[[float], bool], str]:
+    return (lambda v: low <= v <= high), f"in [{low}, {high}]"
+
+
+# Allowed values of the numeric keys (for a list, of each item). Keys not listed take any value of their type.
+LIMITS: dict[str, tuple[Callable[[float], bool], str]] = {
+    "data.size": _at_least(1), "data.hflip": _within(0, 1), "data.batch_size": _at_least(1),
+    "data.workers": _at_least(0),
+    "model.fpn_channels": _at_least(1), "model.anchor_sizes": _at_least(1), "model.trainable_layers": _within(0, 5),
+    "model.score_thresh": _within(0, 1), "model.nms_thresh": _within(0, 1), "model.detections_per_img": _at_least(1),
+    "model.rpn_pre_nms_top_n": _at_least(1), "model.rpn_post_nms_top_n": _at_least(1),
+    "model.rpn_batch_size_per_image": _at_least(1), "model.box_batch_size_per_image": _at_least(1),
+    "train.epochs": _at_least(1), "train.lr": _above(0), "train.momentum": _within(0, 1),
+    "train.weight_decay": _at_least(0), "train.warmup_iters": _at_least(0), "train.warmup_factor": _within(0, 1),
+    "train.lr_steps": _within(0, 1), "train.lr_gamma": _above(0), "train.grad_clip": _at_least(0),
+    "train.max_iters": _at_least(0), "train.eval_every": _at_least(0), "train.log_every": _at_least(1),
+    "train.threads": _at_least(0), "train.keep_checkpoints": _at_least(0),
+    "ake.d_model": _at_least(1), "ake.n_queries": _at_least(1), "ake.n_heads": _at_least(1),
+    "ake.n_points": _at_least(1), "ake.d_ffn": _at_least(1), "ake.extractor_layers": _at_least(1),
+    "ake.alpha": _within(0, 1), "ake.beta": _within(0, 1),
+    "distill.lambda_ct": _at_least(0), "distill.lambda_pos": _at_least(0), "distill.adaptor_layers": _at_least(0),
+    "distill.adaptor_heads": _at_least(1), "distill.adaptor_points": _at_least(1),
+    "distill.fitnet_weight": _at_least(0),
+}
+
+
+def _check_range(key: str, value: Any) -> None:
+    """Raise a ConfigError naming ``key`` if ``value`` (or an item of it) is outside ``LIMITS[key]``."""
+    if key not in LIMITS or value is None:
+        return
+    ok, allowed = LIMITS[key]
+    for i, v in enumerate(value) if isinstance(value, list) else [(None, value)]:
+        if not (math.isfinite(v) and ok(v)):
+            where = key if i is None else f"{key}[{i}]"
+            raise ConfigError(f"{where}: {v!r} is out of range (must be {allowed})")
 
 
 def _check_value(key: str, hint: Any, value: Any) -> Any:
@@ -165,7 +228,10 @@ def _build(cls: type, values: dict, prefix: str = ""):
     for key in values:
         if key not in names:
             raise ConfigError(f"unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})")
-    return cls(**{k: _check_value(prefix + k, hints[k], v) for k, v in values.items()})
+    checked = {k: _check_value(prefix + k, hints[k], v) for k, v in values.items()}
+    for k, v in checked.items():
+        _check_range(prefix + k, v)
+    return cls(**checked)
 
 
 def from_dict(values: dict, cls: type = ExperimentConfig):
@@ -187,7 +253,10 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{path}': '{k}' is not a section")
-        node[keys[-1]] = yaml.safe_load(raw)
+        try:
+            node[keys[-1]] = read_yaml(raw)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{path}': the value {raw!r} is not valid YAML: {err}") from None
     return values
 
 
@@ -199,7 +268,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = read_yaml(path.read_text()) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
     try:
