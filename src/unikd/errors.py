@@ -10,3 +10,11 @@ from __future__ import annotations
 
 class UserError(Exception):
     """An error the user can fix (bad input, config, file); the CLI prints it as one line."""
+
+
+class CorruptFileError(UserError):
+    """A file of ours whose content is damaged: truncated, unreadable, or its tensors fail their checksum."""
+
+
+class OutputError(UserError):
+    """An output folder that cannot be used: it holds another run, is a file, or cannot be written."""
