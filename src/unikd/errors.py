@@ -18,3 +18,7 @@ class CorruptFileError(UserError):
 
 class OutputError(UserError):
     """An output folder that cannot be used: it holds another run, is a file, or cannot be written."""
+
+
+class DatasetError(UserError, ValueError):
+    """A COCO-format dataset that cannot be used as it is; the message names the file or annotation id."""

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from ..errors import UserError
+from ..errors import DatasetError
+from .images import load_image
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,8 @@ REQUIRED_KEYS = {
     "annotations": ("id", "image_id", "category_id", "bbox"),
     "categories": ("id", "name"),
 }
-
-
-class DatasetError(UserError, ValueError):
-    """A COCO-format dataset that cannot be used as it is; the message names the file or annotation id."""
+INTEGER_KEYS = {"images": ("id", "width", "height"), "annotations": ("id", "image_id", "category_id"),
+                "categories": ("id",)}
 
 
 def read_coco_json(path: Path) -> dict:
@@ -51,6 +49,13 @@ def read_coco_json(path: Path) -> dict:
             missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
             if missing:
                 raise DatasetError(f"{path}: not COCO: {section}[{i}] is missing key '{missing[0]}'")
+    for section, keys in INTEGER_KEYS.items():
+        for i, entry in enumerate(data[section]):
+            wrong = [k for k in keys if isinstance(entry[k], bool) or not isinstance(entry[k], int)]
+            if wrong:
+                raise DatasetError(f"{path}: {section}[{i}] has {wrong[0]} {entry[wrong[0]]!r}, expected an integer")
+    if not data["categories"]:
+        raise DatasetError(f"{path}: 'categories' is empty: a detection dataset needs at least one category")
     return data
 
 
@@ -65,7 +70,8 @@ def sanitise(path: Path, data: dict) -> tuple[dict, dict[str, int]]:
     """Validate the annotations of ``data`` against its images and categories, vectorised.
 
     Errors: unknown category or image id, bbox not 4 finite numbers, duplicate ids.
-    Skipped (dropped from ``data``): width or height <= 0, box entirely outside its image.
+    Skipped (dropped from ``data``): width or height <= 0 (also when it is positive but vanishes in float32,
+    as ``x + w == x``), box entirely outside its image.
     Clipped to the image (in ``data``): box partly outside. Missing ``iscrowd`` defaults to 0 and
     missing ``area`` to w*h. Returns the cleaned ``data`` and the counts.
     """
@@ -91,7 +97,8 @@ def sanitise(path: Path, data: dict) -> tuple[dict, dict[str, int]]:
     wh = np.array([sizes[i] for i in ann_images.tolist()], dtype=np.float64).reshape(-1, 2)
     xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
     clipped = np.concatenate([np.clip(xyxy[:, :2], 0, wh), np.clip(xyxy[:, 2:], 0, wh)], axis=1)
-    empty = (xywh[:, 2:] <= 0).any(axis=1)
+    xyxy32 = xyxy.astype(np.float32)  # a positive width can vanish in the float32 the model computes in
+    empty = (xywh[:, 2:] <= 0).any(axis=1) | (xyxy32[:, 2:] <= xyxy32[:, :2]).any(axis=1)
     outside = ~empty & (clipped[:, 2:] <= clipped[:, :2]).any(axis=1)
     was_clipped = ~empty & ~outside & (clipped != xyxy).any(axis=1)
     for i in np.flatnonzero(was_clipped).tolist():
@@ -123,15 +130,6 @@ def bbox_array(path: Path, anns: list[dict], ann_ids: np.ndarray) -> np.ndarray:
         raise DatasetError(f"{path}: annotation id {ann_ids[i]} has bbox {anns[i]['bbox']!r}, "
                            "expected 4 finite numbers [x, y, w, h]")
     return boxes.reshape(-1, 4)
-
-
-def load_image(path: Path) -> torch.Tensor:
-    """Decode an image file to uint8 [3, H, W] RGB; raise a DatasetError naming the file if it cannot."""
-    try:
-        with Image.open(path) as img:
-            return F.pil_to_tensor(img.convert("RGB"))
-    except OSError as err:  # PIL's UnidentifiedImageError and "image file is truncated" are OSErrors
-        raise DatasetError(f"cannot read image {path}: {err}") from None
 
 
 class CocoDetection(torch.utils.data.Dataset):
