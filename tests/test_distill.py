@@ -375,6 +375,20 @@ def test_resample_level_reads_the_same_pixels():
     torch.testing.assert_close(coarse[0, 0], torch.tensor([[2.5, 4.5], [10.5, 12.5]]))
 
 
+def test_fitnet_helpers_keep_the_inputs_device_and_dtype():
+    # On the meta device a tensor made on the CPU inside raises; float64 features stay float64 (grid_sample
+    # refuses a grid of another dtype).
+    targets = [{"boxes": torch.zeros(2, 4, device="meta")}, {"boxes": torch.zeros(0, 4, device="meta")}]
+    mask = foreground_mask(targets, (3, 5), 8)
+    assert mask.device.type == "meta" and mask.shape == (2, 3, 5) and mask.dtype == torch.bool
+    resampled = resample_level(torch.zeros(2, 4, 6, 6, device="meta"), 8, (3, 3), 16)
+    assert resampled.device.type == "meta" and resampled.shape == (2, 4, 3, 3)
+    source = torch.rand(1, 2, 4, 4, dtype=torch.float64)
+    fine = resample_level(source, 8, (8, 8), 4)
+    assert fine.dtype == torch.float64
+    torch.testing.assert_close(fine.float(), resample_level(source.float(), 8, (8, 8), 4))
+
+
 def test_adaptor_maps_levels_by_nearest_stride_and_ends_in_an_affine_norm():
     assert nearest_levels([8, 16, 32, 64, 128], [4, 8, 16, 32, 64]) == [0, 0, 1, 2, 3]
     assert nearest_levels([4, 8, 16, 32, 64], [8, 16, 32, 64, 128]) == [1, 2, 3, 4, 4]
@@ -511,8 +525,10 @@ def test_ake_file_keeps_the_teacher_scale_and_refuses_another_teacher(pair, tmp_
     teacher, _, akes = pair
     cfg = DetectorConfig(family="faster_rcnn", backbone="resnet18", fpn_channels=64)
     fingerprint = teacher_fingerprint(teacher, cfg)
+    assert set(fingerprint) == {"family", "backbone", "strides", "channels", "weights_sha256"}
+    assert fingerprint["family"] == "faster_rcnn" and fingerprint["backbone"] == "resnet18"
     assert fingerprint["strides"] == [4, 8, 16, 32, 64] and fingerprint["channels"] == [64] * 5
-    path = save_ake(tmp_path / "ake.safetensors", akes, fingerprint, NUM_CLASSES, [1, 2, 3])
+    path = save_ake(tmp_path / "new" / "folder" / "ake.safetensors", akes, fingerprint, NUM_CLASSES, [1, 2, 3])
     loaded, info = load_ake(path, fingerprint)
     assert info["category_ids"] == [1, 2, 3]
     assert loaded.teacher_rms.tolist() == [0.5, 1.0, 2.0, 3.0, 4.0]
@@ -533,6 +549,8 @@ def test_ake_file_keeps_the_teacher_scale_and_refuses_another_teacher(pair, tmp_
     save_file({"a": torch.zeros(1)}, not_ake)
     with pytest.raises(AKEMismatchError, match="not an AKE file"):
         load_ake(not_ake, fingerprint)
+    with pytest.raises(FileNotFoundError, match="AKE file not found: .*missing.safetensors"):
+        load_ake(tmp_path / "missing.safetensors", fingerprint)
 
 
 def test_ake_parameter_count_at_c256_matches_its_parts():

@@ -30,7 +30,7 @@ def foreground_mask(targets: list[dict[str, Tensor]], shape: tuple[int, int], st
     for t in targets:
         b = t["boxes"].float()[:, :, None, None]  # [M, 4, 1, 1]
         inside = ((xs >= b[:, 0]) & (xs <= b[:, 2]) & (ys[:, None] >= b[:, 1]) & (ys[:, None] <= b[:, 3]))
-        masks.append(inside.any(0) if len(b) else torch.zeros(h, w, dtype=torch.bool, device=device))
+        masks.append(inside.any(0))  # [H, W]; all False for an image without boxes
     return torch.stack(masks)
 
 
