@@ -18,6 +18,9 @@ LOSS_KEYS = {
     "faster_rcnn": {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"},
     "atss": {"classification", "bbox_regression", "bbox_ctrness"},
     "reppoints": {"classification", "bbox_init", "bbox_refine"},
+    # the last decoder layer's set loss, and the auxiliary ones of the 5 others (6 layers by default)
+    "deformable_detr": {f"{name}{layer}" for name in ("loss_class", "loss_l1", "loss_giou")
+                        for layer in ["", *(f"_{i}" for i in range(5))]},
 }
 
 

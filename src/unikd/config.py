@@ -42,9 +42,11 @@ class DataConfig:
 class DetectorConfig:
     """One detector, built from torchvision parts (see :mod:`unikd.detectors`)."""
 
-    family: str = "retinanet"  # retinanet | fcos | faster_rcnn | atss | reppoints
+    family: str = "retinanet"  # retinanet | fcos | faster_rcnn | atss | reppoints | deformable_detr
     backbone: str = "resnet18"  # any torchvision ResNet/ResNeXt/Wide-ResNet name
-    fpn_channels: int = 64  # RetinaNet, FCOS, ATSS, RepPoints: a multiple of 32 (GroupNorm heads, 32 groups)
+    # RetinaNet, FCOS, ATSS, RepPoints: a multiple of 32 (GroupNorm heads, 32 groups); Deformable DETR: d_model,
+    # a multiple of 32 (GroupNorm projections) and of attention_heads
+    fpn_channels: int = 64
     anchor_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])  # base size per FPN level
     trainable_layers: int = 5  # backbone stages that train (5 = all)
     score_thresh: float = 0.05
@@ -52,6 +54,14 @@ class DetectorConfig:
     detections_per_img: int = 100
     # RepPoints only: how a point set becomes a box (moment: mean +- learned multiple of the std; minmax).
     point_transform: str = "moment"
+    # Deformable DETR only (its transformer width d_model is fpn_channels; it has no anchors): the paper's values.
+    num_queries: int = 300
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    attention_heads: int = 8
+    attention_points: int = 4  # sampling points per head per level
+    ffn_channels: int = 1024
+    box_refine: bool = False  # iterative bounding box refinement
     # Two-stage (faster_rcnn) only: proposal and RoI sampling counts, used in training and inference.
     rpn_pre_nms_top_n: int = 1000
     rpn_post_nms_top_n: int = 1000
@@ -157,6 +167,8 @@ LIMITS: dict[str, tuple[Callable[[float], bool], str]] = {
     "model.score_thresh": _within(0, 1), "model.nms_thresh": _within(0, 1), "model.detections_per_img": _at_least(1),
     "model.rpn_pre_nms_top_n": _at_least(1), "model.rpn_post_nms_top_n": _at_least(1),
     "model.rpn_batch_size_per_image": _at_least(1), "model.box_batch_size_per_image": _at_least(1),
+    "model.num_queries": _at_least(1), "model.encoder_layers": _at_least(1), "model.decoder_layers": _at_least(1),
+    "model.attention_heads": _at_least(1), "model.attention_points": _at_least(1), "model.ffn_channels": _at_least(1),
     "train.epochs": _at_least(1), "train.lr": _above(0), "train.momentum": _within(0, 1),
     "train.weight_decay": _at_least(0), "train.warmup_iters": _at_least(0), "train.warmup_factor": _within(0, 1),
     "train.lr_steps": _within(0, 1), "train.lr_gamma": _above(0), "train.grad_clip": _at_least(0),

@@ -8,6 +8,7 @@ from __future__ import annotations
 from unikd.config import ConfigError, DetectorConfig
 from unikd.detectors.atss import ATSSAdapter
 from unikd.detectors.base import DetectorAdapter
+from unikd.detectors.deformable_detr import DeformableDETRAdapter
 from unikd.detectors.faster_rcnn import FasterRCNNAdapter
 from unikd.detectors.one_stage import FCOSAdapter, RetinaNetAdapter
 from unikd.detectors.registry import FAMILIES, register_family
@@ -16,6 +17,7 @@ from unikd.detectors.reppoints import RepPointsAdapter
 __all__ = [
     "ATSSAdapter",
     "FAMILIES",
+    "DeformableDETRAdapter",
     "DetectorAdapter",
     "FCOSAdapter",
     "FasterRCNNAdapter",

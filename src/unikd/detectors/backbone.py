@@ -39,6 +39,17 @@ def freeze_stages(resnet: torchvision.models.ResNet, trainable_layers: int) -> N
             param.requires_grad_(False)
 
 
+def resnet_trunk(name: str, trainable_layers: int) -> torchvision.models.ResNet:
+    """A randomly initialised ResNet-family classification model, all but its last ``trainable_layers`` of
+    (stem, layer1..layer4) frozen. BatchNorm stays ordinary (trainable, batch statistics): no pretrained
+    statistics exist offline."""
+    if name not in backbone_names():
+        raise ConfigError(f"model.backbone: unknown backbone '{name}' (valid: {', '.join(backbone_names())})")
+    resnet = torchvision.models.get_model(name, weights=None)
+    freeze_stages(resnet, trainable_layers)
+    return resnet
+
+
 def resnet_fpn(
     name: str,
     fpn_channels: int,
@@ -46,16 +57,12 @@ def resnet_fpn(
     returned_stages: list[str],
     extra_blocks: ExtraFPNBlock,
 ) -> BackboneWithFPN:
-    """A randomly initialised ResNet-family trunk + FPN.
+    """A :func:`resnet_trunk` + FPN.
 
     Input ``[B, 3, H, W]``; output an ordered dict of ``[B, fpn_channels, H / s, W / s]`` maps, one per
     returned stage (stride 4 for layer1 ... 32 for layer4) followed by the ``extra_blocks`` levels.
-    BatchNorm stays ordinary (trainable, batch statistics): no pretrained statistics exist offline.
     """
-    if name not in backbone_names():
-        raise ConfigError(f"model.backbone: unknown backbone '{name}' (valid: {', '.join(backbone_names())})")
-    resnet = torchvision.models.get_model(name, weights=None)
-    freeze_stages(resnet, trainable_layers)
+    resnet = resnet_trunk(name, trainable_layers)
     return BackboneWithFPN(
         resnet,
         return_layers={stage: str(i) for i, stage in enumerate(returned_stages)},

@@ -2,7 +2,9 @@
 
 A subclass only says how to build its torchvision model and which FPN levels it has; the shared code here
 captures the multi-scale features of the training pass, runs inference and keeps the label convention
-(labels ``0..num_classes-1`` everywhere, whatever the detector uses internally).
+(labels ``0..num_classes-1`` everywhere, whatever the detector uses internally). A family whose model is not a
+torchvision detector (Deformable DETR) overrides :meth:`~DetectorAdapter.training_pass` and
+:meth:`~DetectorAdapter.extract_features`.
 """
 from __future__ import annotations
 
@@ -27,10 +29,11 @@ class DetectorAdapter(nn.Module):
     family: ClassVar[str]
     feature_strides: ClassVar[list[int]]
     label_offset: ClassVar[int] = 0  # added to labels on the way in, subtracted on the way out
+    has_anchors: ClassVar[bool] = True  # model.anchor_sizes gives one size per level
 
     def __init__(self, cfg: DetectorConfig, num_classes: int, image_size: int):
         super().__init__()
-        if len(cfg.anchor_sizes) != len(self.feature_strides):
+        if self.has_anchors and len(cfg.anchor_sizes) != len(self.feature_strides):
             raise ConfigError(
                 f"model.anchor_sizes: family '{self.family}' has {len(self.feature_strides)} FPN levels "
                 f"(strides {self.feature_strides}), so it needs {len(self.feature_strides)} anchor sizes, "
@@ -59,6 +62,12 @@ class DetectorAdapter(nn.Module):
         """
         if not self.training:
             raise RuntimeError(f"{type(self).__name__}.forward computes losses and needs train mode; use predict()")
+        return self.training_pass(images, targets)
+
+    def training_pass(self, images: list[Tensor],
+                      targets: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], Pyramid]:
+        """:meth:`forward` in train mode: torchvision's training forward, with the transform's and the backbone's
+        outputs captured by hooks."""
         captured: list = []
         hooks = [self.model.transform.register_forward_hook(lambda _m, _i, output: captured.append(output[0])),
                  self.model.backbone.register_forward_hook(lambda _m, _i, output: captured.append(output))]
@@ -76,14 +85,9 @@ class DetectorAdapter(nn.Module):
         return self._pyramid(images, batch.image_sizes, self.model.backbone(batch.tensors))
 
     def _pyramid(self, images: list[Tensor], image_sizes: list[tuple[int, int]], features: dict) -> Pyramid:
-        """The backbone's maps with each image's size, checked to be the input's: the transform must only
-        normalise and pad (targets and the distillers work in input pixels)."""
-        sizes = [tuple(image.shape[-2:]) for image in images]
-        if [tuple(s) for s in image_sizes] != sizes:
-            raise ValueError(f"{type(self).__name__}: the transform resized the images ({sizes} -> "
-                             f"{list(image_sizes)}); images must come with their longer side at the detector's "
-                             "image size, as the data loader makes them")
-        return Pyramid(list(features.values()), list(self.feature_strides), sizes)
+        """The backbone's maps with each image's size, checked by :func:`input_sizes`."""
+        return Pyramid(list(features.values()), list(self.feature_strides),
+                       input_sizes(type(self).__name__, images, image_sizes))
 
     @torch.no_grad()
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
@@ -105,3 +109,13 @@ class DetectorAdapter(nn.Module):
     def _to_model_labels(self, target: dict[str, Tensor]) -> dict[str, Tensor]:
         """A shallow copy of ``target`` with labels in the wrapped detector's convention."""
         return {**target, "labels": target["labels"] + self.label_offset}
+
+
+def input_sizes(owner: str, images: list[Tensor], image_sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Each image's ``(h, w)``, checked to be the size the transform kept (``image_sizes``): the transform must
+    only normalise and pad (targets and the distillers work in input pixels). ``owner`` names the detector."""
+    sizes = [tuple(image.shape[-2:]) for image in images]
+    if [tuple(s) for s in image_sizes] != sizes:
+        raise ValueError(f"{owner}: the transform resized the images ({sizes} -> {list(image_sizes)}); images must "
+                         "come with their longer side at the detector's image size, as the data loader makes them")
+    return sizes
