@@ -22,3 +22,11 @@ class OutputError(UserError):
 
 class DatasetError(UserError, ValueError):
     """A COCO-format dataset that cannot be used as it is; the message names the file or annotation id."""
+
+
+class DivergedError(UserError, FloatingPointError):
+    """Training produced a non-finite loss or weights; the run stopped and kept its last good checkpoint."""
+
+
+class ResumeError(UserError):
+    """A ``--resume`` whose checkpoint does not fit the job (other model, data or optimiser settings)."""

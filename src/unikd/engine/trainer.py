@@ -7,7 +7,14 @@ precision, clipping, DDP, checkpoints, ``--resume``, progress and metrics.
 
 Exact resumption: the data order and augmentation depend only on ``(seed, epoch)``, the global RNG is
 re-seeded from ``(seed, epoch, rank)`` at the start of every epoch, and the checkpoint carries the optimiser,
-scheduler and scaler states, so 1 epoch + resume 1 epoch gives the same weights as 2 epochs.
+scheduler and scaler states, so 1 epoch + resume 1 epoch gives the same weights as 2 epochs. A resume
+refuses a checkpoint made under other settings (:mod:`unikd.engine.resume`) and drops the metrics records
+the interrupted run wrote after that checkpoint, so ``metrics.jsonl`` holds each step once.
+
+Nothing non-finite is saved: every step adds ``isfinite(loss)`` to an on-device flag (no host sync), read
+after every step on the CPU and at log steps on a GPU; the weights are checked before every checkpoint and
+evaluation. Either failure raises :class:`~unikd.errors.DivergedError` and leaves ``last.pt`` at the last
+good checkpoint.
 """
 from __future__ import annotations
 
@@ -24,9 +31,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..config import ConfigError, TrainConfig
-from ..errors import UserError
+from ..errors import DivergedError, ResumeError, UserError
 from . import distributed as D
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
+from .resume import check_resume
 from .progress import progress
 from .schedule import build_scheduler
 
@@ -125,6 +133,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.state = TrainState()
         self._tb = None
+        self._first_bad_step = torch.zeros((), dtype=torch.int64, device=self.device)  # 0: every loss finite
+        self.check_every_step = self.device.type == "cpu"  # read the flag every step where that costs nothing
 
     # ----------------------------------------------------------------- data
     def _loader(self, epoch: int, start: int = 0) -> torch.utils.data.DataLoader:
@@ -148,20 +158,70 @@ class Trainer:
         }
 
     def resume(self, path: str | Path) -> None:
-        """Continue from a checkpoint written by this trainer (the same schedule, exactly)."""
+        """Continue from a checkpoint written by this trainer (the same schedule, exactly).
+
+        Settings that differ from the checkpoint's are refused or applied as :mod:`unikd.engine.resume` says;
+        the applied ones are logged and added to ``meta["resumed"]``.
+        """
         ckpt = load_checkpoint(path, map_location=self.device)
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        applied = check_resume(path, ckpt["meta"], self.meta)
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise ResumeError(f"cannot resume from {path}: it holds another model or optimiser than this job's "
+                              f"({' '.join(str(err).split())[:300]})") from None
         self.state = TrainState(**ckpt["train_state"])
+        self.meta["resumed"] = ckpt["meta"].get("resumed", []) + (
+            [{"step": self.state.step, "changes": {k: list(v) for k, v in applied.items()}}] if applied else [])
+        for key, (old, new) in applied.items():
+            log.info("resume: %s changed from %r to %r, applied from step %d", key, old, new, self.state.step)
+        if D.is_main():
+            self._drop_metrics_after(self.state.step, evaluated_again=self.state.epoch >= self.cfg.epochs
+                                     or self._stop_early())
         log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
 
+    def _drop_metrics_after(self, step: int, evaluated_again: bool) -> None:
+        """Remove the records of ``metrics.jsonl`` the interrupted run wrote after ``step`` (and its evaluation
+        at ``step`` when the resumed run will evaluate there again), so that no step is recorded twice."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record["step"] < step or (record["step"] == step and not ("eval" in record and evaluated_again)):
+                kept.append(line)
+        path.write_text("".join(line + "\n" for line in kept))
+
     def _save(self) -> None:
+        self._check_finite()
         D.sync_buffers(self.model)
         if D.is_main():
-            save_checkpoint(self.state_dict(), self.out_dir, self.state.step)
+            save_checkpoint(self.state_dict(), self.out_dir, self.state.step, keep=self.cfg.keep_checkpoints)
         D.barrier()
+
+    def _check_loss_flag(self) -> None:
+        """Raise if a loss since the start was non-finite (reads the on-device flag: one host sync)."""
+        bad = int(self._first_bad_step.item())
+        if bad:
+            raise DivergedError(f"non-finite loss at step {bad}; the run stopped, {self._last_good()} "
+                                "(lower train.lr, or keep train.grad_clip on)")
+
+    def _check_finite(self) -> None:
+        """Raise unless every loss so far and every floating-point weight and buffer is finite."""
+        self._check_loss_flag()
+        bad = [name for name, t in self.model.state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise DivergedError(f"{len(bad)} weight tensor(s) are not finite at step {self.state.step} "
+                                f"(first: {bad[0]}); the run stopped, {self._last_good()}")
+
+    def _last_good(self) -> str:
+        last = self.out_dir / "last.pt"
+        return f"{last} is the last good checkpoint" if last.exists() else "no checkpoint was written"
 
     # --------------------------------------------------------------- logging
     def _log(self, record: dict) -> None:
@@ -186,6 +246,8 @@ class Trainer:
             out = self.wrapped(images, targets)
         losses = out[0] if isinstance(out, tuple) else out
         loss = sum(losses.values())
+        first_bad = torch.where(torch.isfinite(loss.detach()), 0, self.state.step + 1)
+        self._first_bad_step = torch.where(self._first_bad_step > 0, self._first_bad_step, first_bad)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg.grad_clip > 0:
@@ -203,6 +265,8 @@ class Trainer:
         """Run (or continue) the schedule; return the final evaluation (empty without ``evaluate``)."""
         if D.is_main():
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            for stale in remove_stale_temporaries(self.out_dir):
+                log.info("removed %s, left by an interrupted write", stale)
         cfg, st = self.cfg, self.state
         self.model.train()
         while st.epoch < cfg.epochs and not self._stop_early():
@@ -218,10 +282,11 @@ class Trainer:
                 st.step += 1
                 st.iter_in_epoch += 1
                 seen += len(images)
-                if st.step % cfg.log_every == 0 or st.iter_in_epoch == self.iters_per_epoch:
+                logging_step = st.step % cfg.log_every == 0 or st.iter_in_epoch == self.iters_per_epoch
+                if logging_step or self.check_every_step:
+                    self._check_loss_flag()
+                if logging_step:
                     values = {k: v.item() for k, v in losses.items()}
-                    if not math.isfinite(values["loss"]):
-                        raise FloatingPointError(f"non-finite loss at step {st.step}: {values}")
                     rate = seen * D.world_size() / (time.perf_counter() - tic)
                     bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
                     self._log({"step": st.step, "epoch": st.epoch + st.iter_in_epoch / self.iters_per_epoch,
@@ -240,6 +305,7 @@ class Trainer:
         return self._evaluate() if self.evaluate_fn is not None else {}
 
     def _evaluate(self) -> dict:
+        self._check_finite()
         self.model.eval()
         metrics = self.evaluate_fn(self.model)
         self.model.train()
