@@ -24,7 +24,7 @@ from doc_sections import replace_section
 from runner import UNIKD, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("faster_rcnn", "reppoints", "atss", "fcos", "retinanet")
+FAMILIES = ("deformable_detr", "faster_rcnn", "reppoints", "atss", "fcos", "retinanet")
 # Teachers first and the slowest family first, so that side-by-side jobs finish close together.
 DIGITS = ROOT / "configs" / "digits"
 CONFIGS = sorted([*DIGITS.glob("*_teacher.yaml"), *DIGITS.glob("*_student.yaml")],

@@ -11,7 +11,7 @@ CONFIGS = [p for p in ALL_CONFIGS if p.stem.endswith(("_teacher", "_student"))] 
 
 def test_the_repo_has_a_teacher_and_a_student_per_family():
     names = {p.stem for p in CONFIGS}
-    for family in ("retinanet", "fcos", "faster_rcnn", "atss", "reppoints"):
+    for family in ("retinanet", "fcos", "faster_rcnn", "atss", "reppoints", "deformable_detr"):
         assert {f"{family}_r50_teacher", f"{family}_r18_student"} <= names
 
 
