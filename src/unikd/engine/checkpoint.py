@@ -87,7 +87,8 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     """Load a checkpoint written by :func:`save_checkpoint` (tensors and plain Python values only).
 
     ``path`` is the file or a run folder (its ``last.pt``). A missing file raises ``FileNotFoundError``; a file
-    that is not such a checkpoint raises :class:`~unikd.errors.UserError` naming it.
+    that is not such a checkpoint raises :class:`~unikd.errors.UserError` naming it, and one whose bytes fail
+    the archive's CRCs (or cannot be unpacked) a :class:`~unikd.errors.CorruptFileError`.
     """
     path = Path(path)
     if path.is_dir():
@@ -97,6 +98,9 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
     not_ours = f"{path} is not a checkpoint written by unikd"
     if not _is_torch_archive(path):
         raise UserError(f"{not_ours} (not a torch.save archive)")
+    damaged = _damaged_member(path)
+    if damaged:
+        raise CorruptFileError(f"{path} is damaged: {damaged} does not match the CRC stored in the archive")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:  # weights_only refuses objects our checkpoints never hold
@@ -110,6 +114,12 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
 
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())[:200]
+
+
+def _damaged_member(path: Path) -> str | None:
+    """The first member of the zip archive ``path`` whose bytes fail their CRC-32 (torch.load does not check)."""
+    with zipfile.ZipFile(path) as archive:
+        return archive.testzip()
 
 
 def _is_torch_archive(path: Path) -> bool:
