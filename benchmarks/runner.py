@@ -11,12 +11,13 @@ UNIKD = str(Path(sys.executable).with_name("unikd"))
 
 def run_job(args: list[str], out: Path, done: str, threads: int) -> None:
     """``unikd ARGS --out OUT`` with ``threads`` torch threads, unless ``OUT/done`` exists; continues from
-    ``OUT/last.pt`` with ``--resume`` when a previous attempt left one. Output goes to ``OUT/train.log``."""
+    ``OUT/last.pt`` with ``--resume`` when a previous attempt left one (else ``--overwrite``). Output goes to
+    ``OUT/train.log``."""
     if (out / done).exists():
         return
     cmd = [UNIKD, *args, "--out", str(out), "--set", f"train.threads={threads}", "--set", "train.log_every=50"]
-    if (out / "last.pt").exists():
-        cmd.append("--resume")
+    # An attempt killed before its first checkpoint left only partial results: start afresh over them.
+    cmd.append("--resume" if (out / "last.pt").exists() else "--overwrite")
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(out / "train.log", "a") as log:

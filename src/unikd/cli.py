@@ -25,6 +25,8 @@ def add_common_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="train.seed")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                    help="continue from CKPT (default: OUT/last.pt)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an --out that holds another run, deleting its results")
 
 
 def config_from_args(args) -> C.ExperimentConfig:
@@ -78,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--out", help="metrics JSON file (default: next to the checkpoint)")
+    ev.add_argument("--subset", action="store_true",
+                    help="accept data whose categories are a subset of the checkpoint's (drops the others' detections)")
 
     demo = sub.add_parser("demo", help="teacher, AKEs and the student three ways on digits-det, with a report")
     demo.add_argument("--out", help="one folder per stage, and report/ (default: runs/demo[-quick])")
@@ -106,16 +110,17 @@ def main(argv: list[str] | None = None) -> int:
             root = jobs.build_digits_det(args.out, seed=args.seed, n_train=args.train, n_val=args.val, size=args.size)
             print(f"digits-det ready in {root}")
         elif args.command == "train":
-            jobs.train_detector(config_from_args(args), args.out, _resume_path(args))
+            jobs.train_detector(config_from_args(args), args.out, _resume_path(args), args.overwrite)
         elif args.command == "pretrain-ake":
-            jobs.pretrain_ake(config_from_args(args), args.teacher, args.out, _resume_path(args))
+            jobs.pretrain_ake(config_from_args(args), args.teacher, args.out, _resume_path(args), args.overwrite)
         elif args.command == "distill":
             cfg = config_from_args(args)
             if args.method:
                 cfg.distill.method = args.method
-            jobs.distill(cfg, args.teacher, args.out, args.ake, _resume_path(args))
+            jobs.distill(cfg, args.teacher, args.out, args.ake, _resume_path(args), args.overwrite)
         elif args.command == "eval":
-            metrics = jobs.evaluate_checkpoint(args.checkpoint, args.data, args.split, args.device, args.batch_size)
+            metrics = jobs.evaluate_checkpoint(args.checkpoint, args.data, args.split, args.device, args.batch_size,
+                                               args.subset)
             out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}.json"
             out.write_text(json.dumps(metrics, indent=2) + "\n")
             print(json.dumps(metrics))

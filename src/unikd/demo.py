@@ -104,7 +104,9 @@ def stage_configs(scale: Scale, data_root: str | Path, seed: int = 0) -> dict[st
 
 @dataclass
 class Stage:
-    """One step of the demo: ``run(resume)`` does it; ``done`` is the file it writes last."""
+    """One step of the demo: ``run(resume)`` does it; ``done`` is the file it writes last. A training stage
+    without a checkpoint to resume starts afresh (``--overwrite``) in its folder, which the demo claimed by
+    its ``config.yaml``: what an attempt killed before its first checkpoint left there is the demo's own."""
 
     name: str
     title: str
@@ -144,20 +146,20 @@ def plan(out: Path, data_root: Path, scale: Scale, seed: int = 0) -> list[Stage]
         cfg_path = folder / "config.yaml"
         command = ["unikd", command[0], str(cfg_path), *command[1:], "--out", str(folder)]
         return Stage(name, title, command, folder, folder / done, config=configs[name],
-                     run=lambda resume: fn(C.load_config(cfg_path), folder, resume))
+                     run=lambda resume: fn(C.load_config(cfg_path), folder, resume, resume is None))
 
     stages = [_digits_stage(data_root, scale),
               job("teacher", "teacher: R50 Faster R-CNN", ["train"], "eval.json", jobs.train_detector),
               job("ake", "AKE pretraining (UniKD stage 1)", ["pretrain-ake", "--teacher", str(teacher)], "report.json",
-                  lambda cfg, folder, resume: jobs.pretrain_ake(cfg, teacher, folder, resume))]
+                  lambda cfg, folder, resume, fresh: jobs.pretrain_ake(cfg, teacher, folder, resume, fresh))]
     titles = {"none": "R18 RetinaNet student alone", "fitnet": "R18 RetinaNet student with FitNet",
               "unikd": "R18 RetinaNet student with UniKD (stage 2)"}
     for method in METHODS:
         ake_args = ["--ake", str(ake)] if method == "unikd" else []
         stages.append(job(f"student_{method}", titles[method],
                           ["distill", "--teacher", str(teacher), *ake_args, "--method", method], "student.pt",
-                          lambda cfg, folder, resume, a=ake if ake_args else None: jobs.distill(
-                              cfg, teacher, folder, a, resume)))
+                          lambda cfg, folder, resume, fresh, a=ake if ake_args else None: jobs.distill(
+                              cfg, teacher, folder, a, resume, fresh)))
     return stages
 
 

