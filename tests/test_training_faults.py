@@ -168,3 +168,10 @@ def test_resume_into_another_model_is_a_resume_error(tiny_digits, tmp_path):
     trainer(tiny_digits, tmp_path, epochs=2, max_iters=2).fit()
     with pytest.raises(ResumeError, match="holds another model or optimiser"):
         trainer(tiny_digits, tmp_path, Drift(width=4), epochs=2).resume(tmp_path / "last.pt")
+
+
+def test_a_metrics_file_that_cannot_be_written_is_an_output_error(tiny_digits, tmp_path):
+    t = trainer(tiny_digits, tmp_path, epochs=1, log_every=1)
+    (tmp_path / "metrics.jsonl").mkdir()  # in the way: open() fails as on a full or read-only disk
+    with pytest.raises(OutputError, match=f"cannot write {tmp_path / 'metrics.jsonl'}"):
+        t.fit()

@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
     from . import jobs  # torch and friends load only once the arguments are known to be valid
+    from .engine.checkpoint import write_text
 
     try:
         if args.command == "data":
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             metrics = jobs.evaluate_checkpoint(args.checkpoint, args.data, args.split, args.device, args.batch_size,
                                                args.subset)
             out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}.json"
-            out.write_text(json.dumps(metrics, indent=2) + "\n")
+            write_text(out, json.dumps(metrics, indent=2) + "\n")
             print(json.dumps(metrics))
         elif args.command == "demo":
             from .demo import run_demo

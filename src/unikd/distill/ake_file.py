@@ -14,7 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from unikd import config as C
-from unikd.errors import CorruptFileError, UserError
+from unikd.errors import CorruptFileError, OutputError, UserError
 from unikd.detectors import DetectorAdapter
 
 from .ake import KnowledgeExtractors
@@ -49,8 +49,12 @@ def save_ake(path: str | Path, akes: KnowledgeExtractors, teacher: dict, num_cla
     info = {"ake": C.to_dict(akes.cfg), "teacher": teacher, "num_classes": num_classes, "category_ids": category_ids,
             "tensors_sha256": tensors_sha256(state)}
     tmp = path.with_suffix(".tmp")
-    save_file(state, tmp, metadata={"unikd": json.dumps(info)})
-    tmp.replace(path)
+    try:
+        save_file(state, tmp, metadata={"unikd": json.dumps(info)})
+        tmp.replace(path)
+    except (OSError, SafetensorError) as err:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {err}") from None
     return path
 
 

@@ -50,6 +50,15 @@ def save_atomic(state: dict, path: Path) -> None:
         raise
 
 
+def write_text(path: Path, text: str, append: bool = False) -> None:
+    """Write (or append) ``text`` to ``path``; a failure (a full disk, no permission) is an OutputError."""
+    try:
+        with open(path, "a" if append else "w") as f:
+            f.write(text)
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: {err.strerror or err}") from None
+
+
 def save_checkpoint(state: dict, out_dir: Path, step: int, keep: int | None = None) -> Path:
     """Save ``state`` as ``out_dir/checkpoints/step_XXXXXXXX.pt``, point ``out_dir/last.pt`` at it, and (unless
     ``keep`` is None) delete all but it and the ``keep`` step checkpoints before it."""

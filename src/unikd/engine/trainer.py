@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..config import ConfigError, TrainConfig
 from ..errors import DivergedError, ResumeError, UserError
 from . import distributed as D
-from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint
+from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint, write_text
 from .resume import check_resume
 from .progress import progress
 from .schedule import build_scheduler
@@ -227,8 +227,7 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if not D.is_main():
             return
-        with open(self.out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        write_text(self.out_dir / "metrics.jsonl", json.dumps(record) + "\n", append=True)
         if self.cfg.tensorboard:
             if self._tb is None:
                 from torch.utils.tensorboard import SummaryWriter
@@ -311,5 +310,5 @@ class Trainer:
         self.model.train()
         self._log({"step": self.state.step, "epoch": self.state.epoch, "eval": metrics})
         if D.is_main():
-            (self.out_dir / "eval.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            write_text(self.out_dir / "eval.json", json.dumps(metrics, indent=2) + "\n")
         return metrics
