@@ -71,8 +71,8 @@ class DETRBackbone(nn.Module):
 
 
 class BoxMLP(nn.Sequential):
-    """The box head: 3-layer MLP ``[..., d] -> [..., 4]`` box deltas (:func:`refine_boxes`), last layer zero so
-    that the first boxes are the references, with width and height ``sigmoid(wh_bias)``."""
+    """The box head: 3-layer MLP ``[..., d] -> [..., 4]`` box deltas (:func:`refine_boxes`), its last layer zero
+    so that the first boxes are the references (a point reference gets width and height ``sigmoid(wh_bias)``)."""
 
     def __init__(self, d_model: int, wh_bias: float):
         super().__init__(nn.Linear(d_model, d_model), nn.ReLU(), nn.Linear(d_model, d_model), nn.ReLU(),
