@@ -415,6 +415,16 @@ def test_adaptor_maps_levels_by_nearest_stride_and_ends_in_an_affine_norm():
     assert [tuple(f.shape) for f in mixed.levels] == [(2, 64, 8, 8), (2, 128, 8, 8)]
 
 
+def test_phi_makes_every_tensor_on_the_features_device():
+    # On the meta device any tensor made on the CPU inside (positions, level sizes) raises.
+    phi = Adaptor(STUDENT_STRIDES, [32] * 5, TEACHER_STRIDES, [64] * 5, layers=1, n_heads=4, n_points=2).to("meta")
+    student = random_pyramid([(64, 64), (64, 40)], STUDENT_STRIDES, 32, seed=12)
+    out = phi(student.with_levels([level.to("meta") for level in student.levels]))
+    assert all(level.device.type == "meta" for level in out.levels)
+    assert [tuple(f.shape) for f in out.levels] == [(2, 64, 8, 8), (2, 64, 8, 8), (2, 64, 4, 4), (2, 64, 2, 2),
+                                                    (2, 64, 1, 1)]
+
+
 def test_build_distiller_checks_the_teacher_scale_and_passes_the_adaptor_settings(pair):
     teacher, student, akes = pair
     with pytest.raises(ValueError, match="^teacher_rms differs from the one stored with the AKEs$"):
