@@ -280,6 +280,10 @@ def test_encoder_layer_shapes_positions_and_gradients():
     out.square().sum().backward()
     assert src.grad.abs().sum() > 0
     assert layer.self_attn.sampling_offsets.weight.grad.abs().sum() > 0
+    # in float64 the reference points follow the features' dtype (grid_sample refuses a mix)
+    double = layer.double()(src.detach().double(), pos.double(), shapes)
+    assert double.dtype == torch.float64
+    torch.testing.assert_close(double.float(), out.detach(), atol=1e-4, rtol=1e-4)
 
 
 def test_flatten_unflatten_round_trip():
@@ -302,6 +306,17 @@ def test_sine_embedding_shape_layout_and_distinct_tokens():
     assert emb[6, 0].item() == pytest.approx(math.sin(2 * math.pi * 1.5 / 4))
     assert emb[6, 5].item() == pytest.approx(math.cos(2 * math.pi * 2.5 / 4))
     torch.testing.assert_close(emb[4, :4], emb[7, :4])  # same row, same y half
+    # every channel against DETR's formula, with 6 frequencies per coordinate: channel k of a half is
+    # sin (k even) or cos (k odd) of 2 pi c / 10000 ** (2 (k // 2) / 6), y in the first half and x in the second
+    wide = sine_position_embedding(shapes, 12)
+    for token, (level, i, j) in enumerate([(0, i, j) for i in range(4) for j in range(4)] +
+                                          [(1, i, j) for i in range(2) for j in range(3)]):
+        h, w = shapes[level].tolist()
+        for half, c in enumerate(((i + 0.5) / h, (j + 0.5) / w)):
+            for k in range(6):
+                angle = 2 * math.pi * c / 10000 ** (2 * (k // 2) / 6)
+                expected = math.sin(angle) if k % 2 == 0 else math.cos(angle)
+                assert wide[token, 6 * half + k].item() == pytest.approx(expected, abs=1e-6)
     with pytest.raises(ValueError, match="even"):
         sine_position_embedding(shapes, 7)
 
