@@ -280,7 +280,7 @@ def test_encoder_layer_shapes_positions_and_gradients():
     out.square().sum().backward()
     assert src.grad.abs().sum() > 0
     assert layer.self_attn.sampling_offsets.weight.grad.abs().sum() > 0
-    # in float64 the reference points follow the features' dtype (grid_sample refuses a mix)
+    # the whole layer runs in float64
     double = layer.double()(src.detach().double(), pos.double(), shapes)
     assert double.dtype == torch.float64
     torch.testing.assert_close(double.float(), out.detach(), atol=1e-4, rtol=1e-4)
