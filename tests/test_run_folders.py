@@ -112,16 +112,17 @@ def test_data_build_rewrites_its_own_build_and_finishes_an_interrupted_one(tmp_p
                      "--size", "32"]) == 0
 
 
-def test_a_checkpoint_from_another_data_category_set_is_refused_by_eval(finished, tiny_digits, tmp_path, capsys):
-    def variant(name, edit):
-        root = tmp_path / name
-        (root / "annotations").mkdir(parents=True)
-        (root / "images").symlink_to(tiny_digits / "images")
-        data = json.loads((tiny_digits / "annotations" / "instances_val.json").read_text())
-        edit(data)
-        (root / "annotations" / "instances_val.json").write_text(json.dumps(data))
-        return root
+def variant(tiny_digits, root, edit):
+    """The val split of ``tiny_digits`` under ``root`` (same images), its JSON changed by ``edit(data)``."""
+    (root / "annotations").mkdir(parents=True)
+    (root / "images").symlink_to(tiny_digits / "images")
+    data = json.loads((tiny_digits / "annotations" / "instances_val.json").read_text())
+    edit(data)
+    (root / "annotations" / "instances_val.json").write_text(json.dumps(data))
+    return root
 
+
+def test_a_checkpoint_from_another_data_category_set_is_refused_by_eval(finished, tiny_digits, tmp_path, capsys):
     def shift_ids(data):
         for c in data["categories"]:
             c["id"] += 10
@@ -143,7 +144,7 @@ def test_a_checkpoint_from_another_data_category_set_is_refused_by_eval(finished
              (drop_nine, "has category ids [10] that the data lacks (pass --subset"),
              (add_one, "the data has category ids [11] that checkpoint")]
     for edit, message in cases:
-        root = variant(edit.__name__, edit)
+        root = variant(tiny_digits, tmp_path / edit.__name__, edit)
         assert cli.main(["eval", "--checkpoint", ckpt, "--data", str(root), "--device", "cpu"]) == 2
         line = error_line(capsys)
         assert f"checkpoint {ckpt} does not fit the data" in line and message in line, line
@@ -161,3 +162,13 @@ def test_the_last_pt_of_an_ake_or_distill_run_passed_to_eval_is_one_line(finishe
     assert cli.main(["eval", "--checkpoint", str(path), "--device", "cpu"]) == 2
     line = error_line(capsys)
     assert f"{path} is not a detector checkpoint: it is the checkpoint of a 'pretrain-ake' or 'distill' run" in line
+
+
+def test_report_refuses_data_with_other_categories(finished, tiny_digits, tmp_path, capsys):
+    def rename(data):
+        data["categories"][0]["name"] = "zero"
+
+    root = variant(tiny_digits, tmp_path / "renamed", rename)
+    assert cli.main(["report", str(finished), "--out", str(tmp_path / "report"), "--data", str(root)]) == 2
+    assert f"run {finished} does not fit the data: category names differ (id: trained vs data) 1: '0' vs 'zero'" \
+        in error_line(capsys)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..categories import check_categories, checkpoint_categories, dataset_categories
 from ..data import CocoDetection
 from ..distill import load_ake
 from ..errors import UserError
@@ -99,13 +100,15 @@ def _figures(runs: Runs, dataset: CocoDetection, out: Path) -> tuple[list[tuple[
 def build_report(paths: list[str | Path], out: str | Path, data_root: str | Path | None = None) -> Runs:
     """Write ``OUT/report.md`` and its PNG figures from the runs in ``paths`` (see :func:`find_runs`), and return
     those runs. The pictures use the val split of ``data_root`` (default: the dataset the models were trained
-    on)."""
+    on), whose categories must be the runs' (:mod:`unikd.categories`)."""
     require_matplotlib()
     runs = find_runs(paths)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     first = (runs.models + runs.akes)[0].config.data
     dataset = CocoDetection(data_root or first.root, first.val_split, first.size)
+    for run in runs.models + runs.akes:
+        check_categories(f"run {run.path}", checkpoint_categories(run.meta), dataset_categories(dataset))
     made, missing = _figures(runs, dataset, out)
 
     lines = ["# unikd report", "", f"Val split of `{dataset.root}` ({len(dataset)} images).", ""]
