@@ -49,7 +49,7 @@ def _token_centres(spatial_shapes: Tensor, device=None, valid_ratios: Tensor | N
         return out
     sizes = spatial_shapes.prod(1).to(valid_ratios.device)
     token_ratios = valid_ratios.repeat_interleave(sizes, dim=1, output_size=len(out))  # [B, S, 2]
-    return out.to(valid_ratios.dtype) / token_ratios
+    return out / token_ratios
 
 
 def sine_position_embedding(spatial_shapes: Tensor, channels: int, device=None,
@@ -135,8 +135,8 @@ class DeformableDecoderLayer(nn.Module):
     """Post-norm decoder layer: self-attention among the queries, deformable cross-attention on a multi-level
     memory, FFN; each followed by add & norm."""
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
-                 d_ffn: int = 1024, dropout: float = 0.0, d_value: int | None = None):
+    def __init__(self, d_model: int, n_levels: int, n_heads: int, n_points: int, d_ffn: int, dropout: float = 0.0,
+                 d_value: int | None = None):
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
         self.norm1 = nn.LayerNorm(d_model)
@@ -163,8 +163,7 @@ class DeformableEncoderLayer(nn.Module):
     """Post-norm encoder layer: deformable self-attention over all levels' tokens, FFN; each followed by
     add & norm. Every token attends around its own pixel centre on every level."""
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4,
-                 d_ffn: int = 1024, dropout: float = 0.0):
+    def __init__(self, d_model: int, n_levels: int, n_heads: int, n_points: int, d_ffn: int, dropout: float = 0.0):
         super().__init__()
         self.n_levels = n_levels
         self.self_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
