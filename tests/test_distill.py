@@ -15,7 +15,7 @@ from unikd.detectors import build_detector
 from unikd.distill import (METHODS, AbsorbModel, Adaptor, AKEMismatchError, DistillationModel, Distiller, FitNet,
                            KnowledgeExtractors, Levels, UniKD, build_distiller, foreground_mask, knowledge_distance,
                            load_ake, nearest_levels, register_method, resample_level, save_ake, teacher_fingerprint)
-from unikd.distill.common import normalise_targets
+from unikd.distill.common import known_assignment, normalise_targets
 from unikd.pyramid import Pyramid
 from unikd.transformer import HungarianMatcher, Memory
 
@@ -251,6 +251,12 @@ def test_query_switches_select_the_terms(pair):
         FitNet(*levels, DistillConfig(**SMALL_DISTILL), torch.ones(4))
 
 
+def test_known_assignment_matches_each_positional_query_to_its_ground_truth():
+    pairs = known_assignment(torch.tensor([[0, -1, 2, 0], [-1, -1, -1, -1]]))
+    assert [q.tolist() for q, _ in pairs] == [[0, 2, 3], []]
+    assert [g.tolist() for _, g in pairs] == [[0, 2, 0], []]
+
+
 def test_knowledge_distance_equals_a_hand_computation():
     z_s = torch.tensor([[[1.0, 2.0], [0.0, 0.0], [3.0, 1.0]]])
     z_t = torch.tensor([[[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]])
@@ -408,6 +414,8 @@ def test_adaptor_maps_levels_by_nearest_stride_and_ends_in_an_affine_norm():
             phi.norms[2].weight.fill_(3.0)
             phi.norms[2].bias.fill_(1.0)
         torch.testing.assert_close(phi(student).levels[2], 3 * out.levels[2] + 1, atol=1e-5, rtol=1e-5)
+        assert all(layer.ffn.ffn[0].out_features == 4 * 64 for layer in phi.layers)  # FFN width 4 C, as the AKEs'
+        assert (phi.level_embed is None) == (layers == 0)
     with pytest.raises(ValueError, match="one channel count"):
         Adaptor([8], [32], [8, 16], [64, 128], layers=1, n_heads=8, n_points=4)
     mixed = Adaptor([8], [32], [8, 16], [64, 128], layers=0, n_heads=8, n_points=4)
@@ -511,6 +519,9 @@ def test_stage1_trains_only_the_akes_and_predicts_in_each_images_pixels(pair):
         assert det["boxes"][:, 0::2].max() <= w and det["boxes"][:, 1::2].max() <= h and det["boxes"].min() >= 0
     assert dets[1]["boxes"][:, 0::2].max() > 40  # the portrait image's boxes reach past the landscape one's
     assert dets[0]["labels"].max() < NUM_CLASSES
+    many = KnowledgeExtractors(AKEConfig(d_model=32, n_queries=40, n_heads=4, n_points=2, d_ffn=64),
+                               len(teacher.feature_strides), 64, NUM_CLASSES)
+    assert AbsorbModel(teacher, many).predict(images)[0]["boxes"].shape == (100, 4)  # COCO's 100 per image of 120
     akes.zero_grad(set_to_none=True)
 
 
