@@ -574,6 +574,26 @@ def test_ake_file_keeps_the_teacher_scale_and_refuses_another_teacher(pair, tmp_
         load_ake(tmp_path / "missing.safetensors", fingerprint)
 
 
+def test_box_head_is_a_three_layer_mlp_on_the_references_logit_and_starts_at_the_focal_prior():
+    from unikd.distill.ake import AKE, BoxHead
+
+    torch.manual_seed(3)
+    head = BoxHead(8, NUM_CLASSES)
+    assert torch.sigmoid(head.cls.bias).tolist() == pytest.approx([0.01] * NUM_CLASSES, abs=1e-4)
+    for p in head.box[-1].parameters():  # zero at init: the boxes start at the references
+        torch.nn.init.normal_(p)
+    z, points, boxes = torch.randn(2, 5, 8), torch.rand(2, 5, 2), torch.rand(2, 5, 4)
+    lin = [m for m in head.box if isinstance(m, torch.nn.Linear)]
+    delta = lin[2](lin[1](lin[0](z).relu()).relu())
+    logits, out = head(z, boxes)
+    torch.testing.assert_close(logits, head.cls(z))
+    torch.testing.assert_close(out, (delta + torch.logit(boxes)).sigmoid())
+    _, out = head(z, points)  # a point reference moves the centre only
+    torch.testing.assert_close(out, torch.cat([delta[..., :2] + torch.logit(points), delta[..., 2:]], -1).sigmoid())
+    with pytest.raises(ValueError, match="AKE kind must be 'ct' or 'pos', got 'box'"):
+        AKE("box", SMALL_AKE, 5, 64, NUM_CLASSES)
+
+
 def test_ake_parameter_count_at_c256_matches_its_parts():
     cfg = AKEConfig(d_model=256, n_queries=200, n_heads=8, n_points=4, d_ffn=1024, extractor_layers=1)
     akes = KnowledgeExtractors(cfg, n_levels=5, in_channels=256, num_classes=80)
