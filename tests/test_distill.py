@@ -15,7 +15,7 @@ from unikd.detectors import build_detector
 from unikd.distill import (METHODS, AbsorbModel, Adaptor, AKEMismatchError, DistillationModel, Distiller, FitNet,
                            KnowledgeExtractors, Levels, UniKD, build_distiller, foreground_mask, knowledge_distance,
                            load_ake, nearest_levels, register_method, resample_level, save_ake, teacher_fingerprint)
-from unikd.distill.common import known_assignment, normalise_targets
+from unikd.distill.common import known_assignment, normalise_targets, query_boxes
 from unikd.pyramid import Pyramid
 from unikd.transformer import HungarianMatcher, Memory
 
@@ -131,6 +131,13 @@ def test_targets_are_normalised_by_each_images_own_size():
     torch.testing.assert_close(gts[0]["boxes_xyxy"], torch.tensor([[4 / 64, 6 / 40, 30 / 64, 38 / 40]]))
     torch.testing.assert_close(gts[1]["boxes"], torch.tensor([[0.5, 0.5, 0.5, 0.5]]))  # cxcywh
     assert torch.equal(gts[1]["labels"], targets[1]["labels"])
+    # a box reaching past the image (an augmentation's crop) is clipped to it
+    over = normalise_targets([{"boxes": torch.tensor([[-8.0, 10.0, 80.0, 50.0]]), "labels": torch.tensor([2])}],
+                             [(40, 64)])
+    torch.testing.assert_close(over[0]["boxes_xyxy"], torch.tensor([[0.0, 0.25, 1.0, 1.0]]))
+    # one image alone: B̂ and its ground-truth indices for it
+    boxes, gt_index = query_boxes(gts[:1], 6, 0.9, 0.05)
+    assert boxes.shape == (1, 6, 4) and gt_index.shape == (1, 6) and set(gt_index.tolist()[0]) <= {-1, 0}
 
 
 def test_query_boxes_lie_in_the_images_own_region_at_the_configured_alpha_and_beta(pair):

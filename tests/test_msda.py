@@ -247,6 +247,15 @@ def test_bad_inputs_raise_clear_errors():
         MSDeformAttn(16, n_levels=3, n_heads=3)
 
 
+def test_dropout_reaches_every_block_of_both_layers():
+    dec = DeformableDecoderLayer(d_model=8, n_levels=2, n_heads=2, n_points=2, d_ffn=16, dropout=0.3)
+    enc = DeformableEncoderLayer(d_model=8, n_levels=2, n_heads=2, n_points=2, d_ffn=16, dropout=0.3)
+    assert dec.self_attn.dropout == 0.3 and dec.dropout.p == 0.3
+    for layer in (dec, enc):
+        assert [m.p for m in layer.ffn.modules() if isinstance(m, torch.nn.Dropout)] == [0.3, 0.3]
+    assert [m.p for m in enc.modules() if isinstance(m, torch.nn.Dropout)] == [0.3, 0.3, 0.3]
+
+
 def test_decoder_layer_shapes_and_gradients_with_other_value_channels():
     torch.manual_seed(6)
     layer = DeformableDecoderLayer(d_model=32, n_levels=3, n_heads=4, n_points=2, d_ffn=64, d_value=48)
