@@ -8,7 +8,6 @@ import torch
 
 from unikd.config import DetectorConfig
 from unikd.detectors import FAMILIES, DetectorAdapter, build_detector
-from unikd.detectors.backbone import stage_channels
 
 NUM_CLASSES = 3
 SIZE = 64
@@ -16,6 +15,7 @@ LOSS_KEYS = {
     "retinanet": {"classification", "bbox_regression"},
     "fcos": {"classification", "bbox_regression", "bbox_ctrness"},
     "faster_rcnn": {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"},
+    "mask_rcnn": {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg", "loss_mask"},
     "atss": {"classification", "bbox_regression", "bbox_ctrness"},
     "reppoints": {"classification", "bbox_init", "bbox_refine"},
     # the last decoder layer's set loss, and the auxiliary ones of the 5 others (6 layers by default)
@@ -40,14 +40,25 @@ def tiny_config(family: str, **overrides) -> DetectorConfig:
     return DetectorConfig(**{**values, **overrides})
 
 
+def box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 ``[n, height, width]``: each box filled (the instance masks Mask R-CNN trains on)."""
+    masks = torch.zeros(len(boxes), height, width, dtype=torch.uint8)
+    for mask, (x0, y0, x1, y1) in zip(masks, boxes.int().tolist()):
+        mask[y0:y1, x0:x1] = 1
+    return masks
+
+
 def batch() -> tuple[list[torch.Tensor], list[dict]]:
-    """Two images (one square, one non-square with longer side SIZE) and their targets."""
+    """Two images (one square, one non-square with longer side SIZE) and their targets (with masks, which only
+    Mask R-CNN reads)."""
     gen = torch.Generator().manual_seed(0)
     images = [torch.rand(3, SIZE, SIZE, generator=gen), torch.rand(3, 48, SIZE, generator=gen)]
     targets = [
         {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [32.0, 30.0, 60.0, 62.0]]), "labels": torch.tensor([0, 2])},
         {"boxes": torch.tensor([[10.0, 5.0, 50.0, 40.0]]), "labels": torch.tensor([1])},
     ]
+    for image, target in zip(images, targets):
+        target["masks"] = box_masks(target["boxes"], *image.shape[-2:])
     return images, targets
 
 
@@ -125,6 +136,11 @@ def test_predict_gives_coco_ready_detections(detector):
         boxes = det["boxes"]
         assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
         assert (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+        if detector.predicts_masks:  # probabilities in the input image's pixels
+            assert det["masks"].shape == (n, 1, height, width)
+            assert det["masks"].min() >= 0 and det["masks"].max() <= 1
+        else:
+            assert "masks" not in det
 
 
 def test_predict_keeps_eval_mode(detector):
@@ -193,7 +209,7 @@ def test_builder_honours_fpn_channels_and_trainable_layers():
 def test_builder_derives_stage_channels_from_the_backbone():
     detector = build_detector(tiny_config("faster_rcnn", backbone="resnet50"), NUM_CLASSES, SIZE)
     trunk = detector.model.backbone.body
-    assert [stage_channels(trunk, f"layer{i}") for i in range(1, 5)] == [256, 512, 1024, 2048]
+    assert trunk.channels == [256, 512, 1024, 2048] and trunk.strides == [4, 8, 16, 32]
     assert [block[0].in_channels for block in detector.model.backbone.fpn.inner_blocks] == [256, 512, 1024, 2048]
 
 

@@ -42,8 +42,9 @@ class DataConfig:
 class DetectorConfig:
     """One detector, built from torchvision parts (see :mod:`unikd.detectors`)."""
 
-    family: str = "retinanet"  # retinanet | fcos | faster_rcnn | atss | reppoints | deformable_detr
-    backbone: str = "resnet18"  # any torchvision ResNet/ResNeXt/Wide-ResNet name
+    family: str = "retinanet"  # retinanet | fcos | faster_rcnn | mask_rcnn | atss | reppoints | deformable_detr
+    # any torchvision ResNet/ResNeXt/Wide-ResNet, ConvNeXt or Swin (v1, v2) name (unikd.detectors.backbone)
+    backbone: str = "resnet18"
     # RetinaNet, FCOS, ATSS, RepPoints: a multiple of 32 (GroupNorm heads, 32 groups); Deformable DETR: d_model,
     # a multiple of 32 (GroupNorm projections) and of attention_heads
     fpn_channels: int = 64
@@ -62,7 +63,7 @@ class DetectorConfig:
     attention_points: int = 4  # sampling points per head per level
     ffn_channels: int = 1024
     box_refine: bool = False  # iterative bounding box refinement
-    # Two-stage (faster_rcnn) only: proposal and RoI sampling counts, used in training and inference.
+    # Two-stage (faster_rcnn, mask_rcnn) only: proposal and RoI sampling counts, used in training and inference.
     rpn_pre_nms_top_n: int = 1000
     rpn_post_nms_top_n: int = 1000
     rpn_batch_size_per_image: int = 256

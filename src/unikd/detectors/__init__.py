@@ -9,7 +9,7 @@ from unikd.config import ConfigError, DetectorConfig
 from unikd.detectors.atss import ATSSAdapter
 from unikd.detectors.base import DetectorAdapter
 from unikd.detectors.deformable_detr import DeformableDETRAdapter
-from unikd.detectors.faster_rcnn import FasterRCNNAdapter
+from unikd.detectors.faster_rcnn import FasterRCNNAdapter, MaskRCNNAdapter
 from unikd.detectors.one_stage import FCOSAdapter, RetinaNetAdapter
 from unikd.detectors.registry import FAMILIES, register_family
 from unikd.detectors.reppoints import RepPointsAdapter
@@ -21,6 +21,7 @@ __all__ = [
     "DetectorAdapter",
     "FCOSAdapter",
     "FasterRCNNAdapter",
+    "MaskRCNNAdapter",
     "RepPointsAdapter",
     "RetinaNetAdapter",
     "build_detector",

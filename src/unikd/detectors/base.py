@@ -30,6 +30,7 @@ class DetectorAdapter(nn.Module):
     feature_strides: ClassVar[list[int]]
     label_offset: ClassVar[int] = 0  # added to labels on the way in, subtracted on the way out
     has_anchors: ClassVar[bool] = True  # model.anchor_sizes gives one size per level
+    predicts_masks: ClassVar[bool] = False  # trains on instance masks (targets["masks"]) and predicts them
 
     def __init__(self, cfg: DetectorConfig, num_classes: int, image_size: int):
         super().__init__()
@@ -53,7 +54,8 @@ class DetectorAdapter(nn.Module):
         Args:
             images: B tensors ``[3, H, W]`` in ``[0, 1]``.
             targets: B dicts with ``"boxes"`` float ``[n, 4]`` (xyxy, image pixels) and ``"labels"`` int64
-                ``[n]`` in ``0..num_classes-1``.
+                ``[n]`` in ``0..num_classes-1``; for a family that :attr:`predicts_masks`, also ``"masks"`` uint8
+                ``[n, H, W]``.
         Returns:
             ``(losses, features)``: scalar loss tensors by name, and the :class:`~unikd.pyramid.Pyramid` of this
             pass: one ``[B, C, H_l, W_l]`` map per level in ``feature_strides`` order,
@@ -94,7 +96,8 @@ class DetectorAdapter(nn.Module):
         """Detections per image, in eval mode (the previous mode is restored afterwards).
 
         Returns B dicts: ``"boxes"`` ``[n, 4]`` xyxy in the input image's pixels, ``"scores"`` ``[n]``,
-        ``"labels"`` int64 ``[n]`` in ``0..num_classes-1``; ``n <= detections_per_img``.
+        ``"labels"`` int64 ``[n]`` in ``0..num_classes-1``; ``n <= detections_per_img``. A family that
+        :attr:`predicts_masks` adds ``"masks"`` ``[n, 1, H, W]``: probabilities in the input image's pixels.
         """
         was_training = self.training
         self.eval()
@@ -102,9 +105,7 @@ class DetectorAdapter(nn.Module):
             detections = self.model(images)
         finally:
             self.train(was_training)
-        return [
-            {"boxes": d["boxes"], "scores": d["scores"], "labels": d["labels"] - self.label_offset} for d in detections
-        ]
+        return [{**d, "labels": d["labels"] - self.label_offset} for d in detections]
 
     def _to_model_labels(self, target: dict[str, Tensor]) -> dict[str, Tensor]:
         """A shallow copy of ``target`` with labels in the wrapped detector's convention."""

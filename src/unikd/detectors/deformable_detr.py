@@ -1,7 +1,7 @@
 """Deformable DETR (Zhu et al., ICLR 2021) on the project's own transformer blocks (:mod:`unikd.transformer`),
 the ones the AKEs and the adaptor use.
 
-- :class:`DETRBackbone`: ResNet C3-C5 and one extra level (a 3x3 stride-2 convolution on C5), each projected
+- :class:`DETRBackbone`: the backbone's C3-C5 and one extra level (a 3x3 stride-2 convolution on C5), each projected
   to ``d_model`` channels with GroupNorm: four levels, strides 8, 16, 32, 64; no FPN.
 - :class:`DeformableDETR`: torchvision's transform (normalise, pad), the backbone, the deformable encoder, N object
   queries through the deformable decoder (iterative box refinement as an option), a class and a box head on every
@@ -21,12 +21,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_convert
 
 from unikd.config import ConfigError, DetectorConfig
-from unikd.detectors.backbone import resnet_trunk, stage_channels
+from unikd.detectors.backbone import trunk
 from unikd.detectors.base import DetectorAdapter, input_sizes
 from unikd.detectors.heads import prior_bias
 from unikd.detectors.registry import register_family
@@ -49,8 +48,8 @@ def projection(in_channels: int, d_model: int, kernel: int = 1, stride: int = 1)
 
 
 class DETRBackbone(nn.Module):
-    """A ResNet-family trunk's C3, C4, C5 (``body``), each projected to ``d_model``, and a fourth level from a 3x3
-    stride-2 convolution on C5 (``input_proj``).
+    """A backbone trunk's C3, C4, C5 (``body``, any :mod:`~unikd.detectors.backbone`), each projected to ``d_model``,
+    and a fourth level from a 3x3 stride-2 convolution on C5 (``input_proj``).
 
     ``[B, 3, H, W]`` (H, W multiples of 32) -> 4 maps ``[B, d_model, H / s, W / s]``, ``s`` = 8, 16, 32, 64
     (rounded up).
@@ -58,10 +57,8 @@ class DETRBackbone(nn.Module):
 
     def __init__(self, name: str, trainable_layers: int, d_model: int):
         super().__init__()
-        resnet = resnet_trunk(name, trainable_layers)
-        stages = ["layer2", "layer3", "layer4"]
-        self.body = IntermediateLayerGetter(resnet, {stage: stage for stage in stages})
-        channels = [stage_channels(resnet, stage) for stage in stages]
+        self.body = trunk(name, dict(zip(("c3", "c4", "c5"), STRIDES)), trainable_layers)
+        channels = self.body.channels
         self.input_proj = nn.ModuleList([*(projection(c, d_model) for c in channels),
                                          projection(channels[-1], d_model, kernel=3, stride=2)])
 

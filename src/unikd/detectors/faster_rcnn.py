@@ -1,20 +1,23 @@
-"""Two-stage detector on P2-P6: torchvision Faster R-CNN."""
+"""Two-stage detectors on P2-P6: torchvision Faster R-CNN, and Mask R-CNN (its mask branch added)."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import nn
-from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from unikd.config import DetectorConfig
-from unikd.detectors.backbone import resnet_fpn
+from unikd.detectors.backbone import STAGE_NAMES, backbone_fpn
 from unikd.detectors.base import DetectorAdapter
 from unikd.detectors.registry import register_family
 
 
 @register_family("faster_rcnn")
 class FasterRCNNAdapter(DetectorAdapter):
-    """Faster R-CNN: FPN over layer1-layer4 (P2-P5) plus a max-pooled P6 used by the RPN only.
+    """Faster R-CNN: FPN over the backbone's C2-C5 (P2-P5) plus a max-pooled P6 used by the RPN only.
 
     Its softmax classifier reserves class 0 for background, so labels are shifted by one internally.
     RPN anchors: one size per level x ratios 0.5, 1, 2.
@@ -22,17 +25,18 @@ class FasterRCNNAdapter(DetectorAdapter):
 
     feature_strides = [4, 8, 16, 32, 64]
     label_offset = 1
+    detector_class: ClassVar[type[nn.Module]] = FasterRCNN
 
     def build_model(self, cfg: DetectorConfig, num_classes: int, image_size: int) -> nn.Module:
-        backbone = resnet_fpn(
+        backbone = backbone_fpn(
             cfg.backbone,
             cfg.fpn_channels,
             cfg.trainable_layers,
-            returned_stages=["layer1", "layer2", "layer3", "layer4"],
+            stages=dict(zip(STAGE_NAMES, self.feature_strides)),
             extra_blocks=LastLevelMaxPool(),
         )
         anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes))
-        return FasterRCNN(
+        return self.detector_class(
             backbone,
             num_classes + self.label_offset,
             min_size=image_size,
@@ -48,3 +52,26 @@ class FasterRCNNAdapter(DetectorAdapter):
             box_nms_thresh=cfg.nms_thresh,
             box_detections_per_img=cfg.detections_per_img,
         )
+
+
+@register_family("mask_rcnn")
+class MaskRCNNAdapter(FasterRCNNAdapter):
+    """Mask R-CNN: Faster R-CNN plus torchvision's mask branch (RoIAlign 14x14 on P2-P5, four 3x3 convolutions,
+    a 2x deconvolution, one 28x28 mask logit map per class, per-pixel BCE on the matched class).
+
+    The mask head is ``fpn_channels`` wide (torchvision's: 256). It trains on ``targets["masks"]`` and
+    :meth:`predict` adds ``"masks"`` ``[n, 1, H, W]`` (probabilities, input pixels). Its features for
+    distillation are the FPN levels, as for Faster R-CNN.
+    """
+
+    detector_class = MaskRCNN
+    predicts_masks = True
+
+    def build_model(self, cfg: DetectorConfig, num_classes: int, image_size: int) -> nn.Module:
+        model = super().build_model(cfg, num_classes, image_size)
+        # torchvision takes a custom mask predictor only without num_classes (and then a box predictor too):
+        # replace its 256-wide mask branch after construction instead.
+        width = cfg.fpn_channels
+        model.roi_heads.mask_head = MaskRCNNHeads(width, [width] * 4, dilation=1)
+        model.roi_heads.mask_predictor = MaskRCNNPredictor(width, width, num_classes + self.label_offset)
+        return model

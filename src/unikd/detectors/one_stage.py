@@ -10,13 +10,13 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from unikd.config import ConfigError, DetectorConfig
-from unikd.detectors.backbone import resnet_fpn
+from unikd.detectors.backbone import backbone_fpn
 from unikd.detectors.base import DetectorAdapter
 from unikd.detectors.registry import register_family
 
 
 class OneStageAdapter(DetectorAdapter):
-    """P3-P5 from the FPN over layer2-layer4, P6-P7 by strided convolutions from P5 (5 levels).
+    """P3-P5 from the FPN over the backbone's C3-C5, P6-P7 by strided convolutions from P5 (5 levels).
 
     Both heads normalise with ``GroupNorm(32, C)``, so ``fpn_channels`` must be a multiple of 32.
     """
@@ -39,11 +39,11 @@ class OneStageAdapter(DetectorAdapter):
                 f"of 32, got {cfg.fpn_channels}"
             )
         anchors = self.anchor_generator(cfg.anchor_sizes)
-        backbone = resnet_fpn(
+        backbone = backbone_fpn(
             cfg.backbone,
             cfg.fpn_channels,
             cfg.trainable_layers,
-            returned_stages=["layer2", "layer3", "layer4"],
+            stages=dict(zip(("c3", "c4", "c5"), self.feature_strides)),
             extra_blocks=LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels),
         )
         return self.detector_class(
