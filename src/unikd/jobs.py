@@ -12,7 +12,7 @@ import torch
 from . import config as C
 from .categories import check_categories, checkpoint_categories, dataset_categories
 from .data import CocoDetection, build_digits_det, collate
-from .detectors import build_detector
+from .detectors import FAMILIES, build_detector
 from .engine import distributed as D
 from .distill import (AbsorbModel, DistillationModel, KnowledgeExtractors, build_distiller, load_ake,
                       measure_teacher_rms, method_class, save_ake, teacher_fingerprint)
@@ -34,7 +34,8 @@ def seed_everything(seed: int) -> None:
 
 def _datasets(cfg: C.ExperimentConfig) -> tuple[CocoDetection, CocoDetection]:
     d = cfg.data
-    train = CocoDetection(d.root, d.train_split, d.size, hflip=d.hflip, seed=cfg.train.seed)
+    masks = getattr(FAMILIES.get(cfg.model.family), "predicts_masks", False)  # instance masks in the targets
+    train = CocoDetection(d.root, d.train_split, d.size, hflip=d.hflip, seed=cfg.train.seed, masks=masks)
     val = CocoDetection(d.root, d.val_split, d.size)
     if train.category_ids != val.category_ids:
         raise UserError(f"{d.root}: the '{d.train_split}' and '{d.val_split}' splits have different categories")

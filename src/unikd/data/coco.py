@@ -20,6 +20,7 @@ from torchvision.transforms.v2 import functional as F
 
 from ..errors import DatasetError
 from .images import load_image
+from .masks import segmentation_problem
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,18 @@ def sanitise(path: Path, data: dict) -> tuple[dict, dict[str, int]]:
     return data, counts
 
 
+def check_segmentations(path: Path, data: dict) -> bool:
+    """Raise naming the first annotation whose ``segmentation`` is malformed (:func:`segmentation_problem`);
+    return whether the dataset has masks: annotations, every one with a ``segmentation``."""
+    sizes = {im["id"]: (im["height"], im["width"]) for im in data["images"]}
+    for a in data["annotations"]:
+        if "segmentation" in a:
+            problem = segmentation_problem(a["segmentation"], *sizes[a["image_id"]])
+            if problem:
+                raise DatasetError(f"{path}: annotation id {a['id']} has a malformed segmentation: {problem}")
+    return bool(data["annotations"]) and all("segmentation" in a for a in data["annotations"])
+
+
 def bbox_array(path: Path, anns: list[dict], ann_ids: np.ndarray) -> np.ndarray:
     """Boxes of ``anns`` as float64 [n, 4] xywh; raise naming the first annotation whose bbox is malformed."""
     good = [isinstance(a["bbox"], list) and len(a["bbox"]) == 4
@@ -137,19 +150,29 @@ class CocoDetection(torch.utils.data.Dataset):
 
     Items are ``(image, target)``: image float32 [3, H, W] in [0, 1] with max(H, W) = ``size`` (aspect kept);
     target ``boxes`` float32 [n, 4] xyxy in resized pixels, ``labels`` int64 [n] in 0..num_classes-1,
-    ``image_id`` int, ``orig_size`` int64 [2] = (H0, W0), ``flipped`` bool. The horizontal flip (probability
+    ``image_id`` int, ``orig_size`` int64 [2] = (H0, W0), ``flipped`` bool; with ``masks=True`` also ``masks``
+    uint8 [n, H, W] (instance masks resized and flipped with the image; every annotation must have a
+    ``segmentation``). The horizontal flip (probability
     ``hflip``) is decided from (seed, epoch, index) alone, so resumed runs and any number of workers see the
     same augmentation; call :meth:`set_epoch` once per epoch.
 
     Attributes: ``coco`` (pycocotools ground truth, after the skips and clips), ``category_ids`` (label ->
     COCO category id), ``num_classes``, ``image_ids`` (index -> COCO image id), ``counts`` (skipped,
-    clipped and crowd annotations).
+    clipped and crowd annotations), ``has_masks`` (every annotation has a ``segmentation``).
     """
 
-    def __init__(self, root, split: str, size: int, hflip: float = 0.0, seed: int = 0):
+    def __init__(self, root, split: str, size: int, hflip: float = 0.0, seed: int = 0, masks: bool = False):
         self.root = Path(root)
         self.ann_file = self.root / "annotations" / f"instances_{split}.json"
         data, self.counts = sanitise(self.ann_file, read_coco_json(self.ann_file))
+        self.has_masks = check_segmentations(self.ann_file, data)
+        if masks and not self.has_masks:
+            missing = next((a["id"] for a in data["annotations"] if "segmentation" not in a), None)
+            raise DatasetError(f"{self.ann_file}: instance masks are needed, but "
+                               + (f"annotation id {missing} has no 'segmentation'" if missing is not None
+                                  else "there are no annotations")
+                               + " (digits-det: build it with 'unikd data build digits-det --masks')")
+        self.masks = masks
         self.check_files(data["images"])
         self.coco = COCO()
         self.coco.dataset = data
@@ -209,13 +232,15 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DatasetError(f"{path}: image is {w0}x{h0} but {self.ann_file} says "
                                f"{info['width']}x{info['height']} (image id {info['id']})")
         boxes, labels = self.targets[index]
-        image, boxes = self.resize(
-            tv_tensors.Image(image),
-            tv_tensors.BoundingBoxes(torch.tensor(boxes), format="XYXY", canvas_size=(h0, w0)),
-        )
+        inputs = [tv_tensors.Image(image),
+                  tv_tensors.BoundingBoxes(torch.tensor(boxes), format="XYXY", canvas_size=(h0, w0))]
+        if self.masks:
+            inputs.append(tv_tensors.Mask(self.instance_masks(info["id"], h0, w0)))
+        outputs = self.resize(*inputs)
         flipped = self.flip_decision(index)
         if flipped:
-            image, boxes = F.horizontal_flip(image), F.horizontal_flip(boxes)
+            outputs = [F.horizontal_flip(x) for x in outputs]
+        image, boxes = outputs[:2]
         target = {
             "boxes": boxes.as_subclass(torch.Tensor).float(),
             "labels": torch.tensor(labels),
@@ -223,7 +248,15 @@ class CocoDetection(torch.utils.data.Dataset):
             "orig_size": torch.tensor([h0, w0], dtype=torch.int64),
             "flipped": flipped,
         }
+        if self.masks:
+            target["masks"] = outputs[2].as_subclass(torch.Tensor)
         return F.to_dtype(image, torch.float32, scale=True).as_subclass(torch.Tensor), target
+
+    def instance_masks(self, image_id: int, height: int, width: int) -> torch.Tensor:
+        """uint8 [n, height, width]: the masks of the image's non-crowd annotations, in the order of its targets."""
+        anns = [a for a in self.coco.imgToAnns[image_id] if not a["iscrowd"]]
+        masks = [self.coco.annToMask(a) for a in anns]
+        return torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, height, width, dtype=torch.uint8)
 
 
 def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:

