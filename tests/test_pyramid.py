@@ -36,6 +36,22 @@ def test_valid_cells_ratios_and_masks_follow_each_images_own_size():
     assert torch.equal(memory.padding_mask, torch.cat([m.flatten(1) for m in masks], 1))
 
 
+def test_ratios_and_masks_are_made_on_the_levels_device_in_fixed_dtypes():
+    # On the meta device a tensor made on the CPU inside raises; a one-level pyramid has no level 1.
+    meta = Pyramid([torch.zeros(2, 3, 4, 4, device="meta")], [8], [(32, 20), (12, 32)])
+    assert meta.valid_ratios().device.type == "meta"
+    assert [m.device.type for m in meta.padding_masks()] == ["meta"]
+    one = Pyramid([torch.zeros(2, 3, 4, 4)], [8], [(32, 20), (12, 32)])
+    torch.testing.assert_close(one.valid_ratios(), torch.tensor([[[20 / 32, 1.0]], [[1.0, 12 / 32]]]))
+    assert one.padding_masks()[0].sum(dim=(1, 2)).tolist() == [4, 8]  # image 0: 1 column, image 1: 2 rows
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert one.valid_ratios().dtype == torch.float32
+    finally:
+        torch.set_default_dtype(default)
+
+
 def test_pyramid_checks_its_parts_and_scales_levels():
     with pytest.raises(ValueError, match="strides"):
         Pyramid([torch.zeros(1, 1, 2, 2)], [8, 16], [(16, 16)])
