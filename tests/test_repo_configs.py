@@ -7,12 +7,15 @@ from unikd.detectors import build_detector
 
 ALL_CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
 CONFIGS = [p for p in ALL_CONFIGS if p.stem.endswith(("_teacher", "_student"))]  # detector training
+BACKBONES = {"r18": "resnet18", "r50": "resnet50", "convnext_t": "convnext_tiny", "swin_t": "swin_t"}  # name tags
 
 
 def test_the_repo_has_a_teacher_and_a_student_per_family():
     names = {p.stem for p in CONFIGS}
     for family in ("retinanet", "fcos", "faster_rcnn", "atss", "reppoints", "deformable_detr"):
         assert {f"{family}_r50_teacher", f"{family}_r18_student"} <= names
+    assert "mask_rcnn_r50_teacher" in names
+    assert {"retinanet_convnext_t_teacher", "retinanet_swin_t_teacher"} & names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -21,8 +24,8 @@ def test_every_config_validates_and_builds_its_detector(path):
     detector = build_detector(cfg.model, num_classes=10, image_size=cfg.data.size)
     assert detector.family == cfg.model.family
     assert detector.feature_channels == [cfg.model.fpn_channels] * len(detector.feature_strides)
-    expected = {"teacher": "resnet50", "student": "resnet18"}[path.stem.rsplit("_", 1)[1]]
-    assert cfg.model.backbone == expected
+    tag = path.stem[len(cfg.model.family) + 1: path.stem.rindex("_")]  # <family>_<backbone tag>_<role>
+    assert cfg.model.backbone == BACKBONES[tag]
 
 
 def test_stage_configs_validate_and_match_the_student_baseline():
