@@ -254,6 +254,9 @@ def test_dropout_reaches_every_block_of_both_layers():
     for layer in (dec, enc):
         assert [m.p for m in layer.ffn.modules() if isinstance(m, torch.nn.Dropout)] == [0.3, 0.3]
     assert [m.p for m in enc.modules() if isinstance(m, torch.nn.Dropout)] == [0.3, 0.3, 0.3]
+    ffn, x = enc.ffn.eval(), torch.randn(3, 8)  # the FFN: two linear layers with a ReLU between
+    lin = [m for m in ffn.ffn if isinstance(m, torch.nn.Linear)]
+    torch.testing.assert_close(ffn(x), ffn.norm(x + lin[1](lin[0](x).relu())))
 
 
 def test_decoder_layer_shapes_and_gradients_with_other_value_channels():
