@@ -85,6 +85,13 @@ def test_an_out_that_is_a_file_is_one_line(tiny_yaml, tmp_path, capsys):
     assert f"--out {blocker} is a file" in error_line(capsys)
 
 
+def test_an_out_that_cannot_be_written_is_one_line(tiny_yaml, capsys):
+    # sysfs takes no new files or folders, even from root (the tests run as root, where modes do not apply)
+    for out, reason in (("/sys/kernel", "Permission denied"), ("/sys/unikd-out", "Operation not permitted")):
+        assert cli.main(["train", str(tiny_yaml), "--out", out]) == 2
+        assert f"cannot write to --out {out}: {reason}" in error_line(capsys)
+
+
 def test_data_build_refuses_a_folder_with_other_files(tmp_path, capsys):
     user = tmp_path / "coco"
     (user / "images").mkdir(parents=True)
