@@ -569,7 +569,7 @@ def test_ake_file_keeps_the_teacher_scale_and_refuses_another_teacher(pair, tmp_
                                                r"pretrain-ake' with this teacher first$"):
         load_ake(path, teacher_fingerprint(other, cfg))
     retina = detector("retinanet", 64)
-    with pytest.raises(AKEMismatchError, match="family"):
+    with pytest.raises(AKEMismatchError, match=r"\(family: AKE trained for 'faster_rcnn', teacher has 'retinanet'; "):
         load_ake(path, teacher_fingerprint(retina, DetectorConfig(family="retinanet", fpn_channels=64)))
     not_ake = tmp_path / "x.safetensors"
     from safetensors.torch import save_file
@@ -590,13 +590,15 @@ def test_box_head_is_a_three_layer_mlp_on_the_references_logit_and_starts_at_the
     for p in head.box[-1].parameters():  # zero at init: the boxes start at the references
         torch.nn.init.normal_(p)
     z, points, boxes = torch.randn(2, 5, 8), torch.rand(2, 5, 2), torch.rand(2, 5, 4)
+    boxes[0, 0], points[0, 0] = torch.tensor([0.0, 1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0])  # at the edges
     lin = [m for m in head.box if isinstance(m, torch.nn.Linear)]
     delta = lin[2](lin[1](lin[0](z).relu()).relu())
     logits, out = head(z, boxes)
     torch.testing.assert_close(logits, head.cls(z))
-    torch.testing.assert_close(out, (delta + torch.logit(boxes)).sigmoid())
+    torch.testing.assert_close(out, (delta + torch.logit(boxes, eps=1e-4)).sigmoid())  # logit of [1e-4, 1 - 1e-4]
     _, out = head(z, points)  # a point reference moves the centre only
-    torch.testing.assert_close(out, torch.cat([delta[..., :2] + torch.logit(points), delta[..., 2:]], -1).sigmoid())
+    expected = torch.cat([delta[..., :2] + torch.logit(points, eps=1e-4), delta[..., 2:]], -1).sigmoid()
+    torch.testing.assert_close(out, expected)
     with pytest.raises(ValueError, match="AKE kind must be 'ct' or 'pos', got 'box'"):
         AKE("box", SMALL_AKE, 5, 64, NUM_CLASSES)
 

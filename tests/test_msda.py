@@ -259,6 +259,23 @@ def test_dropout_reaches_every_block_of_both_layers():
     torch.testing.assert_close(ffn(x), ffn.norm(x + lin[1](lin[0](x).relu())))
 
 
+def test_decoder_layer_is_self_attention_cross_attention_then_ffn_each_with_a_residual_and_norm():
+    torch.manual_seed(9)
+    layer = DeformableDecoderLayer(d_model=8, n_levels=3, n_heads=2, n_points=2, d_ffn=16, d_value=12)
+    with torch.no_grad():  # let the query steer the sampling (zero at init)
+        layer.cross_attn.sampling_offsets.weight.normal_(std=0.3)
+        layer.cross_attn.attention_weights.weight.normal_()
+    tgt, pos, memory = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, S, 12)
+    boxes = torch.cat([torch.rand(2, 5, 2) * 0.6 + 0.2, torch.rand(2, 5, 2) * 0.4], -1)
+    q = tgt + pos  # the position goes to the queries and keys of the self-attention, and to the cross-attention's query
+    x = layer.norm1(tgt + layer.self_attn(q, q, tgt)[0])
+    x = layer.norm2(x + layer.cross_attn(x + pos, boxes, memory, SHAPES))
+    torch.testing.assert_close(layer(tgt, pos, boxes, memory, SHAPES), layer.ffn(x))
+    x = layer.norm1(tgt + layer.self_attn(tgt, tgt, tgt)[0])  # without positions
+    x = layer.norm2(x + layer.cross_attn(x, boxes, memory, SHAPES))
+    torch.testing.assert_close(layer(tgt, None, boxes, memory, SHAPES), layer.ffn(x))
+
+
 def test_decoder_layer_shapes_and_gradients_with_other_value_channels():
     torch.manual_seed(6)
     layer = DeformableDecoderLayer(d_model=32, n_levels=3, n_heads=4, n_points=2, d_ffn=64, d_value=48)
