@@ -425,6 +425,9 @@ def test_adaptor_maps_levels_by_nearest_stride_and_ends_in_an_affine_norm():
         assert (phi.level_embed is None) == (layers == 0)
     with pytest.raises(ValueError, match="one channel count"):
         Adaptor([8], [32], [8, 16], [64, 128], layers=1, n_heads=8, n_points=4)
+    for layers in (0, 1):  # one teacher level
+        single = Adaptor([8], [32], [8], [64], layers=layers, n_heads=8, n_points=4)
+        assert single(Pyramid(student.levels[:1], [8], student.image_sizes)).levels[0].shape == (2, 64, 8, 8)
     mixed = Adaptor([8], [32], [8, 16], [64, 128], layers=0, n_heads=8, n_points=4)
     mixed = mixed(Pyramid(student.levels[:1], [8], student.image_sizes))
     assert [tuple(f.shape) for f in mixed.levels] == [(2, 64, 8, 8), (2, 128, 8, 8)]
