@@ -1,5 +1,6 @@
 """The AKE file's integrity: a checksum of its tensors, checked on load; damaged files name themselves."""
 import json
+import re
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from safetensors.torch import save_file
 
 from unikd.config import AKEConfig
 from unikd.distill import KnowledgeExtractors, load_ake, save_ake
-from unikd.errors import CorruptFileError, UserError
+from unikd.errors import CorruptFileError, OutputError, UserError
 
 TEACHER = {"family": "retinanet", "backbone": "resnet18", "strides": [8, 16], "channels": [16, 16],
            "weights_sha256": "0" * 64}
@@ -37,7 +38,9 @@ def test_an_edited_tensor_with_an_intact_header_is_refused(ake_file):
     data = bytearray(path.read_bytes())
     data[header_len + 5] ^= 0x40  # one bit of one weight: the header still parses
     path.write_bytes(bytes(data))
-    with pytest.raises(CorruptFileError, match=f"{path}: its tensors do not match the checksum"):
+    with pytest.raises(CorruptFileError, match=re.escape(f"{path}: its tensors do not match the checksum stored with "
+                                                         "them (the file was changed or damaged after 'unikd "
+                                                         "pretrain-ake' wrote it)")):
         load_ake(path, TEACHER)
 
 
@@ -59,3 +62,24 @@ def test_a_file_without_the_checksum_is_refused(ake_file):
     save_file(state, path, metadata={"unikd": json.dumps(info)})
     with pytest.raises(UserError, match=f"{path} carries no checksum of its tensors .* run 'unikd pretrain-ake'"):
         load_ake(path, TEACHER)
+
+
+def test_metadata_that_is_not_json_is_refused_naming_the_file(ake_file):
+    path, _ = ake_file
+    with safe_open(path, "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(state, path, metadata={"unikd": "{not json"})
+    with pytest.raises(CorruptFileError, match=re.escape(f"{path}: its 'unikd' metadata is not valid JSON")):
+        load_ake(path, TEACHER)
+
+
+def test_a_failed_write_names_the_file_and_leaves_no_temporary(ake_file, tmp_path):
+    _, akes = ake_file
+    taken = tmp_path / "taken.safetensors"
+    taken.mkdir()  # the write succeeds, the rename over a folder fails
+    with pytest.raises(OutputError, match=f"cannot write {taken}: "):
+        save_ake(taken, akes, TEACHER, 3, [1, 2, 3])
+    assert not taken.with_suffix(".tmp").exists()
+    # sysfs takes no new file even from root: the write itself fails, before any temporary exists
+    with pytest.raises(OutputError, match="cannot write /sys/kernel/ake.safetensors: "):
+        save_ake("/sys/kernel/ake.safetensors", akes, TEACHER, 3, [1, 2, 3])
