@@ -16,7 +16,7 @@ from unikd.detectors import build_detector
 from unikd.transformer import HungarianMatcher, refine_boxes, set_loss, topk_detections
 
 from conftest import tiny_config
-from test_distill import crop, random_pyramid
+from test_distill import batch, crop, random_pyramid  # batch: a landscape and a portrait image
 
 NUM_CLASSES = 3
 SIZE = 64
@@ -27,17 +27,6 @@ def detr(**overrides) -> torch.nn.Module:
     values = dict(family="deformable_detr", backbone="resnet18", fpn_channels=32, num_queries=12, encoder_layers=2,
                   decoder_layers=3, attention_heads=4, attention_points=2, ffn_channels=64, detections_per_img=10)
     return build_detector(DetectorConfig(**{**values, **overrides}), NUM_CLASSES, SIZE)
-
-
-def batch():
-    """A landscape and a portrait image (h×w 40×64 and 64×48) and their targets in pixels."""
-    gen = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, 40, SIZE, generator=gen), torch.rand(3, SIZE, 48, generator=gen)]
-    targets = [
-        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 38.0], [34.0, 10.0, 60.0, 28.0]]), "labels": torch.tensor([0, 2])},
-        {"boxes": torch.tensor([[10.0, 12.0, 44.0, 58.0]]), "labels": torch.tensor([1])},
-    ]
-    return images, targets
 
 
 def as_trained(model: torch.nn.Module) -> None:
