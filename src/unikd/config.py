@@ -32,10 +32,30 @@ class DataConfig:
     root: str = "cache/digits-det"  # folder holding images/ and annotations/instances_{split}.json
     train_split: str = "train"
     val_split: str = "val"
-    size: int = 128  # longer image side after resizing, in pixels
+    # The loader's resize (docs/data.md, "Resize"): either size (the longer side to size; 128 when neither is
+    # given) or min_size with max_size (the shorter side to S, the longer at most max_size; a list of several S:
+    # one drawn per training image, the largest used for evaluation). Never both.
+    size: int | None = None
+    min_size: int | list[int] | None = None
+    max_size: int | None = None
     hflip: float = 0.5  # probability of a horizontal flip (train split only)
     batch_size: int = 8
     workers: int = 0  # DataLoader worker processes
+
+    def __post_init__(self):
+        if self.min_size is None and self.max_size is None:
+            self.size = 128 if self.size is None else self.size
+        elif self.size is not None:
+            raise ConfigError(f"data.size ({self.size}) and data.min_size/data.max_size are two ways to resize; "
+                              "give one (data.size=null to use min_size and max_size)")
+        elif self.min_size is None or self.max_size is None:
+            raise ConfigError("data.min_size and data.max_size go together (to resize the longer side alone, "
+                              "use data.size)")
+        else:
+            self.min_size = [self.min_size] if isinstance(self.min_size, int) else self.min_size
+            if not self.min_size or max(self.min_size) >= self.max_size:
+                raise ConfigError(f"data.min_size {self.min_size} must be one or more sizes, each below "
+                                  f"data.max_size ({self.max_size})")
 
 
 @dataclass
@@ -162,8 +182,8 @@ def _within(low: float, high: float) -> tuple[Callable[[float], bool], str]:
 
 # Allowed values of the numeric keys (for a list, of each item). Keys not listed take any value of their type.
 LIMITS: dict[str, tuple[Callable[[float], bool], str]] = {
-    "data.size": _at_least(1), "data.hflip": _within(0, 1), "data.batch_size": _at_least(1),
-    "data.workers": _at_least(0),
+    "data.size": _at_least(1), "data.min_size": _at_least(1), "data.max_size": _at_least(1),
+    "data.hflip": _within(0, 1), "data.batch_size": _at_least(1), "data.workers": _at_least(0),
     "model.fpn_channels": _at_least(1), "model.anchor_sizes": _at_least(1), "model.trainable_layers": _within(0, 5),
     "model.score_thresh": _within(0, 1), "model.nms_thresh": _within(0, 1), "model.detections_per_img": _at_least(1),
     "model.rpn_pre_nms_top_n": _at_least(1), "model.rpn_post_nms_top_n": _at_least(1),
