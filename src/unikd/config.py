@@ -69,7 +69,13 @@ class DetectorConfig:
     # a multiple of 32 (GroupNorm projections) and of attention_heads
     fpn_channels: int = 64
     anchor_sizes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])  # base size per FPN level
-    trainable_layers: int = 5  # backbone stages that train (5 = all)
+    trainable_layers: int = 5  # backbone stages that train (5 = all; torchvision's detectors train 3 when pretrained)
+    # A torchvision ImageNet state dict (.pth or .safetensors) to start the backbone from, read when training
+    # starts; with it, ResNets get FrozenBatchNorm2d (except with torchvision_v2), as torchvision's builders.
+    backbone_weights: str | None = None
+    # torchvision's "v2" variant of the family (retinanet: P6 from C5, integer anchor sizes; faster_rcnn and
+    # mask_rcnn: BatchNorm in the FPN and heads, two-conv RPN head, four-conv box head): zoo teachers need it.
+    torchvision_v2: bool = False
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
