@@ -7,6 +7,11 @@ the stride its pyramid expects of each, and the builder measures the strides (a 
 ``meta`` device, which computes shapes only) and refuses a mismatch. :func:`backbone_fpn` puts torchvision's
 ``FeaturePyramidNetwork`` on the trunk.
 
+Trunks start randomly initialised, with ordinary (trainable) BatchNorm. A detector whose config names
+``model.backbone_weights`` is built with :class:`~torchvision.ops.FrozenBatchNorm2d` in its ResNet instead
+(:func:`frozen_batch_norm`), as torchvision's detection builders do when they are given weights; the weights
+themselves are read by :func:`unikd.detectors.weights.load_backbone_weights`.
+
 ConvNeXt and Swin outputs get one LayerNorm per returned stage (as their detection backbones have); Swin's
 stages are channels-last and are permuted to ``[B, C, H, W]``. Stochastic depth is turned off (torchvision's
 defaults are 0.1 for ConvNeXt-T, 0.2 for Swin-T): the training pass's features must be those that
@@ -21,10 +26,10 @@ import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.models.convnext import LayerNorm2d
-from torchvision.ops import StochasticDepth
+from torchvision.ops import FrozenBatchNorm2d, StochasticDepth
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork
 
-from unikd.config import ConfigError
+from unikd.config import ConfigError, DetectorConfig
 
 STAGE_NAMES = ("c2", "c3", "c4", "c5")  # nominal strides 4, 8, 16, 32 in every layout
 MEASURE_SIZE = 512  # side of the meta-device input the strides are measured with (a multiple of any stride)
@@ -40,6 +45,7 @@ class Layout:
         groups: the five freezing groups (stem, stage 1 .. stage 4), as names of the body's children.
         channels_last: the stages output ``[B, H, W, C]`` (Swin).
         output_norm: a LayerNorm on each returned stage.
+        batch_norm: the model normalises with BatchNorm (its builder takes ``norm_layer``).
     """
 
     body: str
@@ -47,10 +53,11 @@ class Layout:
     groups: tuple[tuple[str, ...], ...]
     channels_last: bool
     output_norm: bool
+    batch_norm: bool = False
 
 
 _RESNET = Layout("", dict(zip(STAGE_NAMES, ("layer1", "layer2", "layer3", "layer4"))),
-                 (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",)), False, False)
+                 (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",)), False, False, True)
 _FEATURES = dict(body="features", stages=dict(zip(STAGE_NAMES, ("1", "3", "5", "7"))),
                  groups=(("0",), ("1",), ("2", "3"), ("4", "5"), ("6", "7")), output_norm=True)
 LAYOUTS = {"resnet": _RESNET, "resnext": _RESNET, "wide_resnet": _RESNET,
@@ -70,9 +77,17 @@ def layout_of(name: str) -> Layout:
     return next(layout for prefix, layout in LAYOUTS.items() if name.startswith(prefix))
 
 
-def classification_body(name: str) -> nn.Module:
-    """The body (see :class:`Layout`) of a randomly initialised ``name``, stochastic depth off."""
-    model = torchvision.models.get_model(name, weights=None)
+def frozen_batch_norm(cfg: DetectorConfig) -> bool:
+    """Whether the backbone of ``cfg`` gets FrozenBatchNorm2d: with ``backbone_weights``, as torchvision's detection
+    builders choose it when given weights, except their v2 variants, which keep ordinary BatchNorm."""
+    return cfg.backbone_weights is not None and not cfg.torchvision_v2
+
+
+def classification_body(name: str, frozen_bn: bool = False) -> nn.Module:
+    """The body (see :class:`Layout`) of a randomly initialised ``name``, stochastic depth off; with ``frozen_bn``,
+    its BatchNorm layers (if it has any) are FrozenBatchNorm2d."""
+    norm = {"norm_layer": FrozenBatchNorm2d} if frozen_bn and layout_of(name).batch_norm else {}
+    model = torchvision.models.get_model(name, weights=None, **norm)
     for module in model.modules():
         if isinstance(module, StochasticDepth):
             module.p = 0.0
@@ -145,11 +160,11 @@ def measure(name: str, returned: list[str], channels_last: bool) -> tuple[list[i
     return [MEASURE_SIZE // y.shape[-1] for y in outputs], [y.shape[1] for y in outputs]
 
 
-def trunk(name: str, stages: dict[str, int], trainable_layers: int) -> Trunk:
+def trunk(name: str, stages: dict[str, int], trainable_layers: int, frozen_bn: bool = False) -> Trunk:
     """The trunk of backbone ``name`` returning ``stages`` (name -> the stride the caller expects, in output
     order), all but its last ``trainable_layers`` groups frozen.
 
-    BatchNorm (ResNets) stays ordinary (trainable, batch statistics): no pretrained statistics exist offline.
+    BatchNorm (ResNets) is ordinary (trainable, batch statistics), or FrozenBatchNorm2d with ``frozen_bn``.
     Raises a ConfigError for an unknown backbone or stage name, or a stage whose measured stride is not the
     expected one.
     """
@@ -164,24 +179,25 @@ def trunk(name: str, stages: dict[str, int], trainable_layers: int) -> Trunk:
         stage, want, got = wrong[0]
         raise ConfigError(f"model.backbone: stage {stage} of {name} has stride {got}, the detector expects {want} "
                           f"(strides of {', '.join(stages)}: {strides}, expected {list(stages.values())})")
-    body = Trunk(classification_body(name), returned, layout.channels_last, channels if layout.output_norm else None)
+    body = Trunk(classification_body(name, frozen_bn), returned, layout.channels_last, channels if layout.output_norm else None)
     body.strides, body.channels = strides, channels
     freeze(body, layout, trainable_layers)
     return body
 
 
 class FPNBackbone(nn.Module):
-    """A :class:`Trunk` (``body``) with torchvision's ``FeaturePyramidNetwork`` (``fpn``) on top: the backbone
-    torchvision's detectors take (``out_channels``).
+    """A :class:`Trunk` (``body``) with torchvision's ``FeaturePyramidNetwork`` (``fpn``, its convolutions followed by
+    ``norm_layer`` if one is given) on top: the backbone torchvision's detectors take (``out_channels``).
 
     ``[B, 3, H, W]`` -> an ordered dict of ``[B, out_channels, H / s, W / s]`` maps: one per returned stage
     (``"0"``, ``"1"``, ...), then the ``extra_blocks`` levels.
     """
 
-    def __init__(self, body: Trunk, out_channels: int, extra_blocks: ExtraFPNBlock | None):
+    def __init__(self, body: Trunk, out_channels: int, extra_blocks: ExtraFPNBlock | None,
+                 norm_layer: type[nn.Module] | None = None):
         super().__init__()
         self.body = body
-        self.fpn = FeaturePyramidNetwork(body.channels, out_channels, extra_blocks=extra_blocks)
+        self.fpn = FeaturePyramidNetwork(body.channels, out_channels, extra_blocks=extra_blocks, norm_layer=norm_layer)
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
@@ -189,6 +205,8 @@ class FPNBackbone(nn.Module):
 
 
 def backbone_fpn(name: str, fpn_channels: int, trainable_layers: int, stages: dict[str, int],
-                 extra_blocks: ExtraFPNBlock | None) -> FPNBackbone:
-    """A :func:`trunk` returning ``stages`` (name -> expected stride) with an FPN of ``fpn_channels`` channels."""
-    return FPNBackbone(trunk(name, stages, trainable_layers), fpn_channels, extra_blocks)
+                 extra_blocks: ExtraFPNBlock | None, frozen_bn: bool = False,
+                 fpn_norm: type[nn.Module] | None = None) -> FPNBackbone:
+    """A :func:`trunk` returning ``stages`` (name -> expected stride) with an FPN of ``fpn_channels`` channels
+    (normalised by ``fpn_norm`` if given)."""
+    return FPNBackbone(trunk(name, stages, trainable_layers, frozen_bn), fpn_channels, extra_blocks, fpn_norm)
