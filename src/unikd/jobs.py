@@ -11,7 +11,7 @@ import torch
 
 from . import config as C
 from .categories import check_categories, checkpoint_categories, dataset_categories
-from .data import CocoDetection, build_digits_det, collate
+from .data import CocoDetection, ImageResize, build_digits_det, collate
 from .detectors import FAMILIES, build_detector
 from .engine import distributed as D
 from .distill import (AbsorbModel, DistillationModel, KnowledgeExtractors, build_distiller, load_ake,
@@ -35,8 +35,9 @@ def seed_everything(seed: int) -> None:
 def _datasets(cfg: C.ExperimentConfig) -> tuple[CocoDetection, CocoDetection]:
     d = cfg.data
     masks = getattr(FAMILIES.get(cfg.model.family), "predicts_masks", False)  # instance masks in the targets
-    train = CocoDetection(d.root, d.train_split, d.size, hflip=d.hflip, seed=cfg.train.seed, masks=masks)
-    val = CocoDetection(d.root, d.val_split, d.size)
+    train = CocoDetection(d.root, d.train_split, ImageResize.from_config(d, train=True), hflip=d.hflip,
+                          seed=cfg.train.seed, masks=masks)
+    val = CocoDetection(d.root, d.val_split, ImageResize.from_config(d, train=False))
     if train.category_ids != val.category_ids:
         raise UserError(f"{d.root}: the '{d.train_split}' and '{d.val_split}' splits have different categories")
     return train, val
@@ -81,7 +82,7 @@ def train_detector(cfg: C.ExperimentConfig, out_dir: str | Path, resume: str | P
     """
     claim_run_folder(out_dir, resume, overwrite, is_main_process())
     device, train_set, val_set = _prepare(cfg)
-    detector = build_detector(cfg.model, train_set.num_classes, cfg.data.size)
+    detector = build_detector(cfg.model, train_set.num_classes)
     return _fit(cfg, detector, train_set, val_set, device, out_dir, resume, meta={})[1]
 
 
@@ -90,7 +91,7 @@ def load_detector(checkpoint: str | Path, device="cpu", with_checkpoint: bool = 
     checkpoint's other entries (``meta``, ``train_state``) when ``with_checkpoint``."""
     ckpt = load_checkpoint(checkpoint, map_location=device)
     cfg = C.from_dict(ckpt["meta"]["config"])
-    detector = build_detector(cfg.model, ckpt["meta"]["num_classes"], cfg.data.size)
+    detector = build_detector(cfg.model, ckpt["meta"]["num_classes"])
     try:
         detector.load_state_dict(ckpt.pop("model"))
     except RuntimeError:
@@ -106,10 +107,18 @@ def _load_teacher(checkpoint: str | Path, cfg: C.ExperimentConfig, train_set: Co
     """The teacher of a distillation job, checked against the job's data. Returns ``(teacher, config, ckpt)``."""
     teacher, tcfg, ckpt = load_detector(checkpoint, device, with_checkpoint=True)
     check_categories(f"teacher {checkpoint}", checkpoint_categories(ckpt["meta"]), dataset_categories(train_set))
-    if tcfg.data.size != cfg.data.size:
-        raise UserError(f"teacher {checkpoint} was trained at data.size={tcfg.data.size}, this job uses "
-                        f"data.size={cfg.data.size}: they must be equal (the teacher's transform would rescale)")
+    ours, theirs = resize_keys(cfg.data), resize_keys(tcfg.data)
+    if theirs != ours:
+        raise UserError(f"teacher {checkpoint} was trained at {theirs}, this job uses {ours}: they must be "
+                        "equal (the teacher would see images at a scale it was not trained at)")
     return teacher, tcfg, ckpt
+
+
+def resize_keys(data: C.DataConfig) -> str:
+    """The resize settings of ``data`` as ``data.size=128`` or ``data.min_size=[800] data.max_size=1333``."""
+    if data.size is not None:
+        return f"data.size={data.size}"
+    return f"data.min_size={data.min_size} data.max_size={data.max_size}"
 
 
 def _teacher_rms(teacher, train_set: CocoDetection, cfg: C.ExperimentConfig, device) -> torch.Tensor:
@@ -155,7 +164,7 @@ def distill(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, out_dir: st
     teacher; evaluate it on val; write ``OUT/student.pt``, a detector checkpoint ``unikd eval`` reads."""
     claim_run_folder(out_dir, resume, overwrite, is_main_process())
     device, train_set, val_set = _prepare(cfg)
-    student = build_detector(cfg.model, train_set.num_classes, cfg.data.size)
+    student = build_detector(cfg.model, train_set.num_classes)
     teacher, tcfg, _ = _load_teacher(teacher_checkpoint, cfg, train_set, device)
     fingerprint = teacher_fingerprint(teacher, tcfg.model)
     method = method_class(cfg.distill.method)
@@ -186,7 +195,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path | None = N
     """
     dev = D.init_from_env(device)
     detector, cfg, ckpt = load_detector(checkpoint, dev, with_checkpoint=True)
-    dataset = CocoDetection(data_root or cfg.data.root, split, cfg.data.size)
+    dataset = CocoDetection(data_root or cfg.data.root, split, ImageResize.from_config(cfg.data, train=False))
     check_categories(f"checkpoint {checkpoint}", checkpoint_categories(ckpt["meta"]), dataset_categories(dataset),
                      subset)
     return evaluate_detector(detector, dataset, collate, dev, batch_size=batch_size, verbose=D.is_main(),

@@ -1,6 +1,6 @@
 """Detector adapters (DESIGN §3): torchvision detectors with one contract for distillation.
 
-``build_detector(cfg.model, num_classes, image_size)`` returns a :class:`DetectorAdapter`;
+``build_detector(cfg.model, num_classes)`` returns a :class:`DetectorAdapter`;
 ``FAMILIES`` maps each ``model.family`` name to its adapter class.
 """
 from __future__ import annotations
@@ -29,9 +29,9 @@ __all__ = [
 ]
 
 
-def build_detector(cfg: DetectorConfig, num_classes: int, image_size: int) -> DetectorAdapter:
-    """The adapter for ``cfg.family``, randomly initialised, for ``num_classes`` classes and images whose
-    longer side is ``image_size`` pixels."""
+def build_detector(cfg: DetectorConfig, num_classes: int) -> DetectorAdapter:
+    """The adapter for ``cfg.family``, randomly initialised, for ``num_classes`` classes; it takes images of any
+    size and never rescales them (the data loader resizes, :mod:`unikd.data.resize`)."""
     if cfg.family not in FAMILIES:
         raise ConfigError(f"model.family: unknown family '{cfg.family}' (valid: {', '.join(sorted(FAMILIES))})")
-    return FAMILIES[cfg.family](cfg, num_classes, image_size)
+    return FAMILIES[cfg.family](cfg, num_classes)

@@ -20,10 +20,10 @@ from unikd.pyramid import Pyramid
 class DetectorAdapter(nn.Module):
     """A torchvision detector (``self.model``) with the distillation contract.
 
-    ``self.model`` must have ``transform`` (a ``GeneralizedRCNNTransform``), ``backbone`` (returning an
-    ordered dict of FPN maps) and torchvision's train/eval ``forward``. Images are lists of ``[3, H, W]``
-    float tensors in ``[0, 1]`` whose longer side is already ``image_size``: the transform is built with
-    ``min_size = max_size = image_size``, so it normalises and pads (to a multiple of 32) but keeps scale 1.
+    ``self.model`` must have ``transform`` (a :class:`~unikd.detectors.transform.PadOnlyTransform`),
+    ``backbone`` (returning an ordered dict of FPN maps) and torchvision's train/eval ``forward``. Images are
+    lists of ``[3, H, W]`` float tensors in ``[0, 1]`` of any size, already resized by the data loader
+    (:mod:`unikd.data.resize`): the transform normalises and pads (to a multiple of 32) but never rescales.
     """
 
     family: ClassVar[str]
@@ -32,7 +32,7 @@ class DetectorAdapter(nn.Module):
     has_anchors: ClassVar[bool] = True  # model.anchor_sizes gives one size per level
     predicts_masks: ClassVar[bool] = False  # trains on instance masks (targets["masks"]) and predicts them
 
-    def __init__(self, cfg: DetectorConfig, num_classes: int, image_size: int):
+    def __init__(self, cfg: DetectorConfig, num_classes: int):
         super().__init__()
         if self.has_anchors and len(cfg.anchor_sizes) != len(self.feature_strides):
             raise ConfigError(
@@ -42,9 +42,9 @@ class DetectorAdapter(nn.Module):
             )
         self.num_classes = num_classes
         self.feature_channels = [cfg.fpn_channels] * len(self.feature_strides)
-        self.model = self.build_model(cfg, num_classes, image_size)
+        self.model = self.build_model(cfg, num_classes)
 
-    def build_model(self, cfg: DetectorConfig, num_classes: int, image_size: int) -> nn.Module:
+    def build_model(self, cfg: DetectorConfig, num_classes: int) -> nn.Module:
         """The torchvision detector for this family (implemented by each subclass)."""
         raise NotImplementedError
 
@@ -117,6 +117,6 @@ def input_sizes(owner: str, images: list[Tensor], image_sizes: list[tuple[int, i
     only normalise and pad (targets and the distillers work in input pixels). ``owner`` names the detector."""
     sizes = [tuple(image.shape[-2:]) for image in images]
     if [tuple(s) for s in image_sizes] != sizes:
-        raise ValueError(f"{owner}: the transform resized the images ({sizes} -> {list(image_sizes)}); images must "
-                         "come with their longer side at the detector's image size, as the data loader makes them")
+        raise ValueError(f"{owner}: the transform resized the images ({sizes} -> {list(image_sizes)}); the "
+                         "detector's transform must be a PadOnlyTransform (the data loader resizes)")
     return sizes

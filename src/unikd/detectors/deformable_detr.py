@@ -3,7 +3,7 @@ the ones the AKEs and the adaptor use.
 
 - :class:`DETRBackbone`: the backbone's C3-C5 and one extra level (a 3x3 stride-2 convolution on C5), each projected
   to ``d_model`` channels with GroupNorm: four levels, strides 8, 16, 32, 64; no FPN.
-- :class:`DeformableDETR`: torchvision's transform (normalise, pad), the backbone, the deformable encoder, N object
+- :class:`DeformableDETR`: the detectors' transform (normalise, pad, never resize), the backbone, the deformable encoder, N object
   queries through the deformable decoder (iterative box refinement as an option), a class and a box head on every
   decoder layer, the Hungarian loss on every layer (the last one's under the plain names, the others' as auxiliary
   losses ``<name>_<layer>``), and top-k post-processing of the last layer for inference.
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_convert
 
 from unikd.config import ConfigError, DetectorConfig
@@ -29,13 +28,13 @@ from unikd.detectors.backbone import trunk
 from unikd.detectors.base import DetectorAdapter, input_sizes
 from unikd.detectors.heads import prior_bias
 from unikd.detectors.registry import register_family
+from unikd.detectors.transform import PadOnlyTransform
 from unikd.engine import distributed as D
 from unikd.pyramid import Pyramid
 from unikd.transformer import (DeformableDecoder, DeformableEncoder, HungarianMatcher, refine_boxes, set_loss,
                                topk_detections, unflatten_levels)
 
 STRIDES = [8, 16, 32, 64]
-IMAGE_MEAN, IMAGE_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # torchvision's detection transform
 
 
 def projection(in_channels: int, d_model: int, kernel: int = 1, stride: int = 1) -> nn.Sequential:
@@ -111,10 +110,10 @@ class DeformableDETR(nn.Module):
     per image the top ``detections_per_img`` detections (boxes xyxy in input pixels, labels ``0..K-1``).
     """
 
-    def __init__(self, cfg: DetectorConfig, num_classes: int, image_size: int):
+    def __init__(self, cfg: DetectorConfig, num_classes: int):
         super().__init__()
         d = cfg.fpn_channels
-        self.transform = GeneralizedRCNNTransform(image_size, image_size, IMAGE_MEAN, IMAGE_STD)
+        self.transform = PadOnlyTransform()
         self.backbone = DETRBackbone(cfg.backbone, cfg.trainable_layers, d)
         attention = dict(d_model=d, n_levels=len(STRIDES), n_heads=cfg.attention_heads,
                          n_points=cfg.attention_points, d_ffn=cfg.ffn_channels)
@@ -140,7 +139,7 @@ class DeformableDETR(nn.Module):
         """Transform, backbone, encoder: the encoder's output memory as a :class:`Pyramid` (4 maps
         ``[B, d_model, H_l, W_l]``, strides 8-64, each image's size).
 
-        images: B tensors ``[3, H, W]`` in ``[0, 1]``, their longer side the image size (the transform pads only).
+        images: B tensors ``[3, H, W]`` in ``[0, 1]``, of any size (the transform pads only).
         """
         batch, _ = self.transform(images)
         sizes = input_sizes(type(self).__name__, images, batch.image_sizes)
@@ -204,11 +203,11 @@ class DeformableDETRAdapter(DetectorAdapter):
     feature_strides = STRIDES
     has_anchors = False
 
-    def build_model(self, cfg: DetectorConfig, num_classes: int, image_size: int) -> nn.Module:
+    def build_model(self, cfg: DetectorConfig, num_classes: int) -> nn.Module:
         if cfg.fpn_channels % 32 or cfg.fpn_channels % cfg.attention_heads:
             raise ConfigError(f"model.fpn_channels: Deformable DETR's width d_model ({cfg.fpn_channels}) must be a "
                               f"multiple of 32 (GroupNorm) and of model.attention_heads ({cfg.attention_heads})")
-        return DeformableDETR(cfg, num_classes, image_size)
+        return DeformableDETR(cfg, num_classes)
 
     def training_pass(self, images: list[Tensor],
                       targets: list[dict[str, Tensor]]) -> tuple[dict[str, Tensor], Pyramid]:

@@ -13,6 +13,7 @@ from unikd.config import DetectorConfig
 from unikd.detectors.backbone import STAGE_NAMES, backbone_fpn
 from unikd.detectors.base import DetectorAdapter
 from unikd.detectors.registry import register_family
+from unikd.detectors.transform import PadOnlyTransform
 
 
 @register_family("faster_rcnn")
@@ -27,7 +28,7 @@ class FasterRCNNAdapter(DetectorAdapter):
     label_offset = 1
     detector_class: ClassVar[type[nn.Module]] = FasterRCNN
 
-    def build_model(self, cfg: DetectorConfig, num_classes: int, image_size: int) -> nn.Module:
+    def build_model(self, cfg: DetectorConfig, num_classes: int) -> nn.Module:
         backbone = backbone_fpn(
             cfg.backbone,
             cfg.fpn_channels,
@@ -36,11 +37,9 @@ class FasterRCNNAdapter(DetectorAdapter):
             extra_blocks=LastLevelMaxPool(),
         )
         anchors = AnchorGenerator(tuple((s,) for s in cfg.anchor_sizes), ((0.5, 1.0, 2.0),) * len(cfg.anchor_sizes))
-        return self.detector_class(
+        model = self.detector_class(
             backbone,
             num_classes + self.label_offset,
-            min_size=image_size,
-            max_size=image_size,
             rpn_anchor_generator=anchors,
             rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_top_n,
             rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_top_n,
@@ -52,6 +51,8 @@ class FasterRCNNAdapter(DetectorAdapter):
             box_nms_thresh=cfg.nms_thresh,
             box_detections_per_img=cfg.detections_per_img,
         )
+        model.transform = PadOnlyTransform()
+        return model
 
 
 @register_family("mask_rcnn")
@@ -67,8 +68,8 @@ class MaskRCNNAdapter(FasterRCNNAdapter):
     detector_class = MaskRCNN
     predicts_masks = True
 
-    def build_model(self, cfg: DetectorConfig, num_classes: int, image_size: int) -> nn.Module:
-        model = super().build_model(cfg, num_classes, image_size)
+    def build_model(self, cfg: DetectorConfig, num_classes: int) -> nn.Module:
+        model = super().build_model(cfg, num_classes)
         # torchvision takes a custom mask predictor only without num_classes (and then a box predictor too):
         # replace its 256-wide mask branch after construction instead.
         width = cfg.fpn_channels

@@ -13,6 +13,7 @@ from unikd.config import ConfigError, DetectorConfig
 from unikd.detectors.backbone import backbone_fpn
 from unikd.detectors.base import DetectorAdapter
 from unikd.detectors.registry import register_family
+from unikd.detectors.transform import PadOnlyTransform
 
 
 class OneStageAdapter(DetectorAdapter):
@@ -32,7 +33,7 @@ class OneStageAdapter(DetectorAdapter):
         """The detection head, or None for the torchvision class's default."""
         return None
 
-    def build_model(self, cfg: DetectorConfig, num_classes: int, image_size: int) -> nn.Module:
+    def build_model(self, cfg: DetectorConfig, num_classes: int) -> nn.Module:
         if cfg.fpn_channels % 32:
             raise ConfigError(
                 f"model.fpn_channels: the {self.family} head uses GroupNorm with 32 groups, so it needs a multiple "
@@ -46,17 +47,17 @@ class OneStageAdapter(DetectorAdapter):
             stages=dict(zip(("c3", "c4", "c5"), self.feature_strides)),
             extra_blocks=LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels),
         )
-        return self.detector_class(
+        model = self.detector_class(
             backbone,
             num_classes,
-            min_size=image_size,
-            max_size=image_size,
             anchor_generator=anchors,
             head=self.head(cfg.fpn_channels, anchors.num_anchors_per_location()[0], num_classes),
             score_thresh=cfg.score_thresh,
             nms_thresh=cfg.nms_thresh,
             detections_per_img=cfg.detections_per_img,
         )
+        model.transform = PadOnlyTransform()
+        return model
 
 
 @register_family("retinanet")

@@ -308,14 +308,14 @@ class RepPointsAdapter(OneStageAdapter):
 
     detector_class = RepPoints
 
-    def build_model(self, cfg: DetectorConfig, num_classes: int, image_size: int) -> nn.Module:
+    def build_model(self, cfg: DetectorConfig, num_classes: int) -> nn.Module:
         if cfg.point_transform not in POINT_TRANSFORMS:
             raise ConfigError(f"model.point_transform: expected one of {', '.join(POINT_TRANSFORMS)}, "
                               f"got '{cfg.point_transform}'")
         if sorted(cfg.anchor_sizes) != list(cfg.anchor_sizes) or len(set(cfg.anchor_sizes)) != len(cfg.anchor_sizes):
             raise ConfigError(f"model.anchor_sizes: RepPoints' level scales must increase, got {cfg.anchor_sizes}")
         self.point_transform = cfg.point_transform
-        return super().build_model(cfg, num_classes, image_size)
+        return super().build_model(cfg, num_classes)
 
     def anchor_generator(self, anchor_sizes: list[int]) -> AnchorGenerator:
         return AnchorGenerator(tuple((s,) for s in anchor_sizes), ((1.0,),) * len(anchor_sizes))

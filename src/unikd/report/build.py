@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..categories import check_categories, checkpoint_categories, dataset_categories
-from ..data import CocoDetection
+from ..data import CocoDetection, ImageResize
 from ..distill import load_ake
 from ..errors import UserError
 from . import probes
@@ -106,7 +106,7 @@ def build_report(paths: list[str | Path], out: str | Path, data_root: str | Path
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     first = (runs.models + runs.akes)[0].config.data
-    dataset = CocoDetection(data_root or first.root, first.val_split, first.size)
+    dataset = CocoDetection(data_root or first.root, first.val_split, ImageResize.from_config(first, train=False))
     for run in runs.models + runs.akes:
         check_categories(f"run {run.path}", checkpoint_categories(run.meta), dataset_categories(dataset))
     made, missing = _figures(runs, dataset, out)
