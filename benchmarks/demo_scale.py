@@ -42,18 +42,18 @@ def batch(root: Path, size: int, n: int):
 def stage_models(scale: Scale) -> dict[str, torch.nn.Module]:
     """The trainer's model of each demo stage, in train mode: teacher, ake, none, fitnet, unikd."""
     cfgs = stage_configs(scale, "unused")
-    teacher = build_detector(cfgs["teacher"].model, NUM_CLASSES, scale.size)
+    teacher = build_detector(cfgs["teacher"].model, NUM_CLASSES)
 
     def new_akes() -> KnowledgeExtractors:  # UniKD freezes its own
         return KnowledgeExtractors(cfgs["ake"].ake, len(teacher.feature_strides), teacher.feature_channels[0],
                                    NUM_CLASSES)
 
     akes = new_akes()
-    models = {"teacher": build_detector(cfgs["teacher"].model, NUM_CLASSES, scale.size).train(),  # this one trains
+    models = {"teacher": build_detector(cfgs["teacher"].model, NUM_CLASSES).train(),  # this one trains
               "ake": AbsorbModel(teacher, new_akes()).train()}
     for method in ("none", "fitnet", "unikd"):
         cfg = cfgs[f"student_{method}"]
-        student = build_detector(cfg.model, NUM_CLASSES, scale.size)
+        student = build_detector(cfg.model, NUM_CLASSES)
         distiller = build_distiller(method, cfg.distill, student, teacher, akes.teacher_rms,
                                     akes if method == "unikd" else None)
         models[method] = DistillationModel(student, teacher if distiller else None, distiller).train()
@@ -103,7 +103,7 @@ def main() -> None:
     ref_cfg = load_config(ROOT / "configs" / "digits" / "retinanet_r18_student.yaml")
     ref_root = build_digits_det(args.cache / "128", n_train=8, n_val=1, size=128)
     ref_images, ref_targets = batch(ref_root, 128, ref_cfg.data.batch_size)
-    reference = step_fn(build_detector(ref_cfg.model, NUM_CLASSES, 128).train(), ref_images, ref_targets)
+    reference = step_fn(build_detector(ref_cfg.model, NUM_CLASSES).train(), ref_images, ref_targets)
     reference()
     for size in args.sizes:
         scale = Scale(size, args.train, args.val, *args.epochs)

@@ -84,7 +84,7 @@ def measure(args: argparse.Namespace, config: Path) -> dict:
     torch.manual_seed(0)
     cfg = load_config(config)
     size, batch_size = cfg.data.size, cfg.data.batch_size
-    detector = build_detector(cfg.model, NUM_CLASSES, size).to(device).train()
+    detector = build_detector(cfg.model, NUM_CLASSES).to(device).train()
     optimizer = torch.optim.SGD([p for p in detector.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
     images, targets = random_batch(size, batch_size, device, torch.Generator().manual_seed(0))
 

@@ -49,12 +49,11 @@ def variants() -> list[str]:
 def build(variant: str, num_classes: int) -> torch.nn.Module:
     """The trainer's model of ``variant``, in train mode."""
     distill_cfg = load_config(DIGITS / "distill_retinanet_r18.yaml")
-    size = distill_cfg.data.size
     kind, _, fam = variant.partition(":")
-    student = build_detector(distill_cfg.model, num_classes, size)
+    student = build_detector(distill_cfg.model, num_classes)
     if kind == "student":
         return DistillationModel(student, None, None).train()
-    teacher = build_detector(load_config(DIGITS / f"{fam}_r50_teacher.yaml").model, num_classes, size)
+    teacher = build_detector(load_config(DIGITS / f"{fam}_r50_teacher.yaml").model, num_classes)
     if kind == "teacher":
         return teacher.train()
     akes = KnowledgeExtractors(load_config(DIGITS / "ake.yaml").ake, len(teacher.feature_strides),

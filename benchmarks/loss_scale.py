@@ -43,7 +43,7 @@ def main() -> None:
     unweighted = dataclasses.replace(cfg.distill, lambda_ct=1.0, lambda_pos=1.0, fitnet_weight=1.0)
     dataset = CocoDetection(args.data, "train", cfg.data.size)
     images, targets = collate([dataset[i] for i in range(8)])
-    student = build_detector(cfg.model, dataset.num_classes, cfg.data.size).train()
+    student = build_detector(cfg.model, dataset.num_classes).train()
     lines = [
         "## Loss scales at the start of distillation",
         "",

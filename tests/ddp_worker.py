@@ -21,7 +21,7 @@ cfg = tiny_config(root, epochs=4, max_iters=3)
 cfg.data.batch_size = 2
 torch.manual_seed(D.rank() + 1)  # different on each rank: DDP must broadcast rank 0's initial weights
 train_set = CocoDetection(root, "train", cfg.data.size, hflip=cfg.data.hflip, seed=0)
-detector = build_detector(cfg.model, train_set.num_classes, cfg.data.size)
+detector = build_detector(cfg.model, train_set.num_classes)
 trainer = Trainer(detector, train_set, collate, cfg.train, batch_size=cfg.data.batch_size,
                   out_dir=base / f"out_rank{D.rank()}", device=device)
 if D.is_main():

@@ -138,7 +138,7 @@ def test_every_family_trains_on_the_backbone(family, backbone):
     """Build, one training step (losses finite, gradient into the trunk's stem), the pyramid of that pass equal to
     extract_features in train mode (so stochastic depth is off), and predictions in the image's pixels."""
     torch.manual_seed(0)
-    detector = build_detector(DetectorConfig(family=family, backbone=backbone, **SMALL), 3, 64).train()
+    detector = build_detector(DetectorConfig(family=family, backbone=backbone, **SMALL), 3).train()
     images = [torch.rand(3, 64, 64), torch.rand(3, 40, 64)]
     targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
                {"boxes": torch.tensor([[10.0, 5.0, 50.0, 35.0]]), "labels": torch.tensor([2])}]

@@ -88,7 +88,7 @@ def test_flip_moves_boxes_and_pixels(basic):
 
 def decisions(ds, epoch, n=64):
     ds.set_epoch(epoch)
-    return [ds.flip_decision(i) for i in range(n)]
+    return [ds.augmentation(i)[0] for i in range(n)]
 
 
 def test_flip_decision_depends_only_on_seed_epoch_index(basic):
@@ -104,6 +104,7 @@ def test_flip_decision_depends_only_on_seed_epoch_index(basic):
     assert decisions(a, 0) == first  # going back to an epoch (resume) repeats it
     assert decisions(CocoDetection(basic, "train", size=32, hflip=0.5, seed=4), 0) != first
     assert 16 < sum(first) < 48
+    assert first == [np.random.default_rng([3, 0, i]).random() < 0.5 for i in range(64)]  # as documented
     b.set_epoch(5)
     assert [b[i][1]["flipped"] for i in range(3)] == decisions(a, 5, n=3)
 

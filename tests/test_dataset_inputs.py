@@ -45,6 +45,6 @@ def test_a_width_that_vanishes_in_float32_is_skipped_and_training_runs(tmp_path)
     assert target["boxes"].shape == (1, 4) and (target["boxes"][:, 2:] > target["boxes"][:, :2]).all()
     detector = build_detector(DetectorConfig(family="faster_rcnn", backbone="resnet18", fpn_channels=32,
                                              rpn_pre_nms_top_n=50, rpn_post_nms_top_n=20,
-                                             box_batch_size_per_image=16), ds.num_classes, 64)
+                                             box_batch_size_per_image=16), ds.num_classes)
     losses, _ = detector.train()([image], [target])  # torchvision refuses a zero-width box
     assert all(torch.isfinite(v) for v in losses.values())

@@ -26,7 +26,7 @@ def detr(**overrides) -> torch.nn.Module:
     """A small Deformable DETR: R18, d_model 32, 2 encoder and 3 decoder layers, 12 queries."""
     values = dict(family="deformable_detr", backbone="resnet18", fpn_channels=32, num_queries=12, encoder_layers=2,
                   decoder_layers=3, attention_heads=4, attention_points=2, ffn_channels=64, detections_per_img=10)
-    return build_detector(DetectorConfig(**{**values, **overrides}), NUM_CLASSES, SIZE)
+    return build_detector(DetectorConfig(**{**values, **overrides}), NUM_CLASSES)
 
 
 def as_trained(model: torch.nn.Module) -> None:

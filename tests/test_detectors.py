@@ -5,9 +5,11 @@ import math
 
 import pytest
 import torch
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from unikd.config import DetectorConfig
 from unikd.detectors import FAMILIES, DetectorAdapter, build_detector
+from unikd.detectors.transform import IMAGE_MEAN, IMAGE_STD, PadOnlyTransform
 
 NUM_CLASSES = 3
 SIZE = 64
@@ -65,7 +67,7 @@ def batch() -> tuple[list[torch.Tensor], list[dict]]:
 @pytest.fixture(scope="module", params=sorted(LOSS_KEYS))
 def detector(request) -> DetectorAdapter:
     torch.manual_seed(0)
-    return build_detector(tiny_config(request.param), NUM_CLASSES, SIZE).train()
+    return build_detector(tiny_config(request.param), NUM_CLASSES).train()
 
 
 def count_calls(module: torch.nn.Module) -> tuple[list, torch.utils.hooks.RemovableHandle]:
@@ -153,23 +155,39 @@ def test_predict_keeps_eval_mode(detector):
 
 
 def test_transform_keeps_the_loader_scale(detector):
-    """min_size = max_size = image size: square and non-square inputs are normalised and padded, never resized."""
-    images, _ = batch()
-    images.append(torch.rand(3, SIZE, 37))
+    """The loader resizes: images of any size, COCO's 800x1333 of both orientations included, are normalised and
+    padded to a multiple of 32, never resized, in training and in inference."""
+    assert isinstance(detector.model.transform, PadOnlyTransform)
+    images = [torch.rand(3, 800, 1333), torch.rand(3, 1333, 800), torch.rand(3, 32, 32), torch.rand(3, 45, 71)]
     transform = detector.model.transform
     for training in (True, False):
         transform.train(training)
         batched, _ = transform(images)
         assert batched.image_sizes == [tuple(im.shape[-2:]) for im in images]
+        assert batched.tensors.shape == (4, 3, 1344, 1344)
         for i, image in enumerate(images):
             h, w = image.shape[-2:]
             torch.testing.assert_close(batched.tensors[i, :, :h, :w], transform.normalize(image), rtol=0, atol=0)
     transform.train(True)
 
 
+def test_images_of_any_size_keep_it_through_the_detector(detector):
+    """Landscape and portrait images of odd sizes: the pass's pyramid and the predictions are in their pixels."""
+    sizes = [(40, 70), (75, 36)]
+    gen = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, h, w, generator=gen) for h, w in sizes]
+    targets = [{"boxes": torch.tensor([[4.0, 5.0, 30.0, 33.0]]), "labels": torch.tensor([1])} for _ in sizes]
+    for image, target in zip(images, targets):
+        target["masks"] = box_masks(target["boxes"], *image.shape[-2:])
+    _, features = detector(images, targets)
+    assert features.image_sizes == sizes
+    for det, (h, w) in zip(detector.predict(images), sizes):
+        assert len(det["boxes"]) and (det["boxes"][:, 2] <= w).all() and (det["boxes"][:, 3] <= h).all()
+
+
 def test_faster_rcnn_shifts_labels_for_its_background_class():
     torch.manual_seed(0)
-    detector = build_detector(tiny_config("faster_rcnn"), NUM_CLASSES, SIZE).train()
+    detector = build_detector(tiny_config("faster_rcnn"), NUM_CLASSES).train()
     images, targets = batch()
     seen: dict[str, list] = {"in": [], "out": []}
     pre = detector.model.roi_heads.register_forward_pre_hook(
@@ -192,7 +210,7 @@ def test_faster_rcnn_shifts_labels_for_its_background_class():
 
 
 def test_builder_honours_fpn_channels_and_trainable_layers():
-    detector = build_detector(tiny_config("faster_rcnn", fpn_channels=16, trainable_layers=2), NUM_CLASSES, SIZE)
+    detector = build_detector(tiny_config("faster_rcnn", fpn_channels=16, trainable_layers=2), NUM_CLASSES)
     assert detector.feature_channels == [16] * 5
     assert all(block[0].out_channels == 16 for block in detector.model.backbone.fpn.layer_blocks)
     trunk = detector.model.backbone.body
@@ -200,14 +218,14 @@ def test_builder_honours_fpn_channels_and_trainable_layers():
         assert param.requires_grad == name.startswith(("layer3", "layer4")), name
     assert all(p.requires_grad for p in detector.model.backbone.fpn.parameters())
 
-    frozen = build_detector(tiny_config("faster_rcnn", trainable_layers=0), NUM_CLASSES, SIZE)
+    frozen = build_detector(tiny_config("faster_rcnn", trainable_layers=0), NUM_CLASSES)
     assert not any(p.requires_grad for p in frozen.model.backbone.body.parameters())
-    everything = build_detector(tiny_config("fcos", trainable_layers=5), NUM_CLASSES, SIZE)
+    everything = build_detector(tiny_config("fcos", trainable_layers=5), NUM_CLASSES)
     assert all(p.requires_grad for p in everything.model.backbone.body.parameters())
 
 
 def test_builder_derives_stage_channels_from_the_backbone():
-    detector = build_detector(tiny_config("faster_rcnn", backbone="resnet50"), NUM_CLASSES, SIZE)
+    detector = build_detector(tiny_config("faster_rcnn", backbone="resnet50"), NUM_CLASSES)
     trunk = detector.model.backbone.body
     assert trunk.channels == [256, 512, 1024, 2048] and trunk.strides == [4, 8, 16, 32]
     assert [block[0].in_channels for block in detector.model.backbone.fpn.inner_blocks] == [256, 512, 1024, 2048]
@@ -227,19 +245,20 @@ def test_builder_derives_stage_channels_from_the_backbone():
 )
 def test_builder_rejects_bad_config(overrides, key):
     with pytest.raises(ValueError, match=key) as err:
-        build_detector(tiny_config(**{"family": "retinanet", **overrides}), NUM_CLASSES, SIZE)
+        build_detector(tiny_config(**{"family": "retinanet", **overrides}), NUM_CLASSES)
     if key in ("model.family", "model.backbone"):
         assert "valid:" in str(err.value) and ("retinanet" in str(err.value) or "resnet50" in str(err.value))
 
 
 def test_retinanet_has_torchvisions_v2_head():
     """GroupNorm in the head towers and a GIoU box loss (the original head did not train from scratch)."""
-    detector = build_detector(tiny_config("retinanet"), NUM_CLASSES, SIZE)
+    detector = build_detector(tiny_config("retinanet"), NUM_CLASSES)
     assert sum(isinstance(m, torch.nn.GroupNorm) for m in detector.model.head.modules()) == 8
     assert detector.model.head.regression_head._loss_type == "giou"
 
 
-def test_a_transform_that_rescales_is_refused(detector):
-    small = [torch.rand(3, 32, 32)]  # longer side below SIZE: torchvision's transform would upscale it
-    with pytest.raises(ValueError, match="resized"):
-        detector.extract_features(small)
+def test_a_transform_that_rescales_is_refused(detector, monkeypatch):
+    """The adapters check that the transform kept every image's size (here torchvision's own, which upscales)."""
+    monkeypatch.setattr(detector.model, "transform", GeneralizedRCNNTransform(64, 64, IMAGE_MEAN, IMAGE_STD))
+    with pytest.raises(ValueError, match="resized .* PadOnlyTransform"):
+        detector.extract_features([torch.rand(3, 32, 32)])

@@ -29,7 +29,7 @@ TEACHER_STRIDES, STUDENT_STRIDES = [4, 8, 16, 32, 64], [8, 16, 32, 64, 128]
 def detector(family: str, channels: int) -> torch.nn.Module:
     cfg = DetectorConfig(family=family, backbone="resnet18", fpn_channels=channels, rpn_pre_nms_top_n=100,
                          rpn_post_nms_top_n=50, rpn_batch_size_per_image=64, box_batch_size_per_image=64)
-    return build_detector(cfg, NUM_CLASSES, SIZE)
+    return build_detector(cfg, NUM_CLASSES)
 
 
 def batch():
@@ -646,7 +646,7 @@ def test_stage1_overfits_a_few_images_far_above_chance(tiny_digits):
     torch.manual_seed(0)
     data = CocoDetection(tiny_digits, "train", 64)
     teacher = build_detector(DetectorConfig(family="retinanet", backbone="resnet18", fpn_channels=32),
-                             data.num_classes, 64).eval()
+                             data.num_classes).eval()
     akes = KnowledgeExtractors(AKEConfig(d_model=32, n_queries=10, n_heads=4, n_points=2, d_ffn=64), 5, 32,
                                data.num_classes)
     akes.teacher_rms.copy_(measure_teacher_rms(teacher, data, collate))

@@ -117,7 +117,7 @@ def tiny(family: str, **overrides) -> DetectorConfig:
 
 
 def test_atss_has_one_square_anchor_per_location_and_a_groupnorm_centerness_head():
-    detector = build_detector(tiny("atss", anchor_sizes=[64, 128, 256, 512, 1024]), 3, 64)
+    detector = build_detector(tiny("atss", anchor_sizes=[64, 128, 256, 512, 1024]), 3)
     generator = detector.model.anchor_generator
     assert generator.sizes == ((64,), (128,), (256,), (512,), (1024,))
     assert generator.num_anchors_per_location() == [1] * 5
@@ -129,7 +129,7 @@ def test_atss_has_one_square_anchor_per_location_and_a_groupnorm_centerness_head
 def test_atss_box_loss_vanishes_when_the_deltas_are_exact():
     """The head's decoder inverts torchvision's BoxCoder (weights 10, 10, 5, 5): exact deltas give a zero GIoU loss."""
     torch.manual_seed(0)
-    detector = build_detector(tiny("atss", anchor_sizes=[32, 64, 128, 256, 512]), 3, 64)
+    detector = build_detector(tiny("atss", anchor_sizes=[32, 64, 128, 256, 512]), 3)
     anchors = torch.cat([grid_anchors(s, st, c) for s, st, c in [(32, 8, 8), (64, 16, 4), (128, 32, 2)]])
     boxes = torch.tensor([[4.0, 6.0, 30.0, 40.0], [32.0, 30.0, 60.0, 62.0]])
     targets = [{"boxes": boxes, "labels": torch.tensor([0, 2])}]
@@ -189,7 +189,7 @@ def test_deformable_convolution_samples_at_the_init_points():
 
 def test_head_samples_classification_and_refinement_at_its_init_points():
     torch.manual_seed(0)
-    head = build_detector(tiny("reppoints"), 3, 64).model.head
+    head = build_detector(tiny("reppoints"), 3).model.head
     seen: dict[str, torch.Tensor] = {}
     hooks = [head.cls_dcn.register_forward_hook(lambda _m, args, _o: seen.__setitem__("cls", args[1])),
              head.refine_dcn.register_forward_hook(lambda _m, args, _o: seen.__setitem__("refine", args[1])),
@@ -264,23 +264,23 @@ def test_max_iou_assign_by_hand():
 
 
 def test_reppoints_point_transform_is_a_config_switch():
-    minmax = build_detector(tiny("reppoints", point_transform="minmax"), 3, 64)
+    minmax = build_detector(tiny("reppoints", point_transform="minmax"), 3)
     points = torch.tensor([[[0.0, 1.0], [3.0, -2.0], [1.0, 1.0]]])
     torch.testing.assert_close(minmax.model.head.to_boxes(points), torch.tensor([[0.0, -2.0, 3.0, 1.0]]))
-    moment = build_detector(tiny("reppoints"), 3, 64)
+    moment = build_detector(tiny("reppoints"), 3)
     torch.testing.assert_close(moment.model.head.to_boxes(points), points_to_boxes_moment(points, torch.zeros(2)))
     assert moment.model.head.moment_transfer.requires_grad
     with pytest.raises(ConfigError, match="model.point_transform"):
-        build_detector(tiny("reppoints", point_transform="corners"), 3, 64)
+        build_detector(tiny("reppoints", point_transform="corners"), 3)
     with pytest.raises(ConfigError, match="model.anchor_sizes"):
-        build_detector(tiny("reppoints", anchor_sizes=[16, 32, 32, 64, 128]), 3, 64)
+        build_detector(tiny("reppoints", anchor_sizes=[16, 32, 32, 64, 128]), 3)
 
 
 @pytest.mark.parametrize(("family", "overrides"), [("atss", {"fpn_channels": 48}), ("reppoints", {"fpn_channels": 16}),
                                                    ("atss", {"anchor_sizes": [8, 16]})])
 def test_builders_reject_bad_config(family, overrides):
     with pytest.raises(ConfigError, match="model.fpn_channels|model.anchor_sizes"):
-        build_detector(tiny(family, **overrides), 3, 64)
+        build_detector(tiny(family, **overrides), 3)
 
 
 # ---------------------------------------------------------------- both: overfit two images
@@ -313,7 +313,7 @@ def test_overfits_two_images(family, tiny_digits):
     torch.set_num_threads(1)  # the same arithmetic on any machine
     try:
         torch.manual_seed(0)
-        detector = build_detector(tiny(family, **overrides), data.num_classes, 64).train()
+        detector = build_detector(tiny(family, **overrides), data.num_classes).train()
         optimizer = torch.optim.AdamW(detector.parameters(), lr=lr)
         history = []
         start = time.perf_counter()
@@ -340,7 +340,7 @@ def test_losses_are_float32_under_autocast(family):
     """Mixed precision (here CPU bfloat16): RepPoints' deformable convolutions run in float32 (torchvision's CPU
     kernel has no half types), the losses are finite float32 scalars and backpropagate."""
     torch.manual_seed(0)
-    detector = build_detector(tiny(family), 3, 64).train()
+    detector = build_detector(tiny(family), 3).train()
     images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
     targets = [{"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0]]), "labels": torch.tensor([1])},
                {"boxes": torch.tensor([[10.0, 5.0, 50.0, 40.0]]), "labels": torch.tensor([2])}]

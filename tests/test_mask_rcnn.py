@@ -147,7 +147,7 @@ def train_two_images(root, steps: int):
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        detector = build_detector(cfg.model, data.num_classes, SIZE).train()
+        detector = build_detector(cfg.model, data.num_classes).train()
         optimizer = torch.optim.AdamW(detector.parameters(), lr=1e-3)
         history = []
         for _ in range(steps):

@@ -21,7 +21,7 @@ def test_the_repo_has_a_teacher_and_a_student_per_family():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_config_validates_and_builds_its_detector(path):
     cfg = load_config(path)
-    detector = build_detector(cfg.model, num_classes=10, image_size=cfg.data.size)
+    detector = build_detector(cfg.model, num_classes=10)
     assert detector.family == cfg.model.family
     assert detector.feature_channels == [cfg.model.fpn_channels] * len(detector.feature_strides)
     tag = path.stem[len(cfg.model.family) + 1: path.stem.rindex("_")]  # <family>_<backbone tag>_<role>

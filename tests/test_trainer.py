@@ -20,7 +20,7 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 def make_trainer(cfg, out_dir):
     torch.manual_seed(cfg.train.seed)
     train_set = CocoDetection(cfg.data.root, "train", cfg.data.size, hflip=cfg.data.hflip, seed=cfg.train.seed)
-    detector = build_detector(cfg.model, train_set.num_classes, cfg.data.size)
+    detector = build_detector(cfg.model, train_set.num_classes)
     return Trainer(detector, train_set, collate, cfg.train, batch_size=cfg.data.batch_size, out_dir=out_dir)
 
 

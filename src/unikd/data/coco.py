@@ -1,4 +1,4 @@
-"""COCO-format detection dataset with ``torchvision.transforms.v2`` resizing and a deterministic flip.
+"""COCO-format detection dataset with ``torchvision.transforms.v2`` resizing and a deterministic flip and scale.
 
 Bad input is either an error that names the file or the annotation id (:class:`DatasetError`), or a
 counted skip logged once at construction; ``docs/data.md`` lists the decision for every case.
@@ -15,12 +15,12 @@ import numpy as np
 import torch
 from pycocotools.coco import COCO
 from torchvision import tv_tensors
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from ..errors import DatasetError
 from .images import load_image
 from .masks import segmentation_problem
+from .resize import ImageResize
 
 log = logging.getLogger(__name__)
 
@@ -148,20 +148,23 @@ def bbox_array(path: Path, anns: list[dict], ann_ids: np.ndarray) -> np.ndarray:
 class CocoDetection(torch.utils.data.Dataset):
     """A COCO-format split: ``root/annotations/instances_{split}.json`` and images under ``root/images/``.
 
-    Items are ``(image, target)``: image float32 [3, H, W] in [0, 1] with max(H, W) = ``size`` (aspect kept);
+    Items are ``(image, target)``: image float32 [3, H, W] in [0, 1], resized by ``size``: an
+    :class:`~unikd.data.resize.ImageResize`, or an int for the longer side to ``size`` (aspect kept);
     target ``boxes`` float32 [n, 4] xyxy in resized pixels, ``labels`` int64 [n] in 0..num_classes-1,
     ``image_id`` int, ``orig_size`` int64 [2] = (H0, W0), ``flipped`` bool; with ``masks=True`` also ``masks``
     uint8 [n, H, W] (instance masks resized and flipped with the image; every annotation must have a
     ``segmentation``). The horizontal flip (probability
-    ``hflip``) is decided from (seed, epoch, index) alone, so resumed runs and any number of workers see the
-    same augmentation; call :meth:`set_epoch` once per epoch.
+    ``hflip``) and, with several shorter sides, the scale are decided from (seed, epoch, index) alone
+    (:meth:`augmentation`), so resumed runs and any number of workers see the same augmentation; call
+    :meth:`set_epoch` once per epoch.
 
     Attributes: ``coco`` (pycocotools ground truth, after the skips and clips), ``category_ids`` (label ->
     COCO category id), ``num_classes``, ``image_ids`` (index -> COCO image id), ``counts`` (skipped,
     clipped and crowd annotations), ``has_masks`` (every annotation has a ``segmentation``).
     """
 
-    def __init__(self, root, split: str, size: int, hflip: float = 0.0, seed: int = 0, masks: bool = False):
+    def __init__(self, root, split: str, size: int | ImageResize, hflip: float = 0.0, seed: int = 0,
+                 masks: bool = False):
         self.root = Path(root)
         self.ann_file = self.root / "annotations" / f"instances_{split}.json"
         data, self.counts = sanitise(self.ann_file, read_coco_json(self.ann_file))
@@ -182,7 +185,7 @@ class CocoDetection(torch.utils.data.Dataset):
         self.num_classes = len(self.category_ids)
         self.image_ids = [im["id"] for im in data["images"]]
         self.targets = self.build_targets(data)
-        self.resize = v2.Resize(size=None, max_size=size, antialias=True)
+        self.resize = size if isinstance(size, ImageResize) else ImageResize(size)
         self.hflip, self.seed, self.epoch = hflip, seed, 0
         if any(self.counts.values()):
             log.warning("%s: %s", self.ann_file, ", ".join(f"{k}={v}" for k, v in self.counts.items()))
@@ -211,14 +214,16 @@ class CocoDetection(torch.utils.data.Dataset):
         return targets
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose flip decisions __getitem__ uses."""
+        """Select the epoch whose augmentation __getitem__ uses."""
         self.epoch = epoch
 
-    def flip_decision(self, index: int) -> bool:
-        """Whether item ``index`` is flipped this epoch: a pure function of (seed, epoch, index, hflip)."""
-        if self.hflip <= 0:
-            return False
-        return bool(np.random.default_rng([self.seed, self.epoch, index]).random() < self.hflip)
+    def augmentation(self, index: int) -> tuple[bool, int]:
+        """(whether item ``index`` is flipped, which of the resize's scales it gets) this epoch: a pure function
+        of (seed, epoch, index, hflip, the number of scales); the first draw decides the flip, the second the
+        scale (uniform)."""
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        flipped = bool(rng.random() < self.hflip)
+        return flipped, int(rng.integers(self.resize.choices))
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -236,8 +241,8 @@ class CocoDetection(torch.utils.data.Dataset):
                   tv_tensors.BoundingBoxes(torch.tensor(boxes), format="XYXY", canvas_size=(h0, w0))]
         if self.masks:
             inputs.append(tv_tensors.Mask(self.instance_masks(info["id"], h0, w0)))
-        outputs = self.resize(*inputs)
-        flipped = self.flip_decision(index)
+        flipped, scale = self.augmentation(index)
+        outputs = self.resize.transform(scale)(*inputs)
         if flipped:
             outputs = [F.horizontal_flip(x) for x in outputs]
         image, boxes = outputs[:2]
