@@ -58,24 +58,24 @@ def variants() -> list[str]:
     return ["student"] + [f"{kind}:{fam}" for fam in TEACHERS for kind in ("teacher", "stage1", "fitnet", "unikd")]
 
 
-def detector(family: str, backbone: str, image_size: int):
+def detector(family: str, backbone: str):
     cfg = DetectorConfig(family=family, backbone=backbone, fpn_channels=256, anchor_sizes=ANCHORS)
-    return build_detector(cfg, NUM_CLASSES, image_size)
+    return build_detector(cfg, NUM_CLASSES)
 
 
-def build(variant: str, image_size: int) -> torch.nn.Module:
+def build(variant: str) -> torch.nn.Module:
     """The trainer's model of ``variant``, freshly initialised."""
     kind, _, fam = variant.partition(":")
     if kind == "student":
-        return DistillationModel(detector("retinanet", "resnet18", image_size), None, None)
-    teacher = detector(fam, "resnet50", image_size)
+        return DistillationModel(detector("retinanet", "resnet18"), None, None)
+    teacher = detector(fam, "resnet50")
     if kind == "teacher":
         return teacher
     akes = KnowledgeExtractors(AKEConfig(d_model=256, n_queries=200), len(teacher.feature_strides),
                                teacher.feature_channels[0], NUM_CLASSES)
     if kind == "stage1":
         return AbsorbModel(teacher, akes)
-    student = detector("retinanet", "resnet18", image_size)
+    student = detector("retinanet", "resnet18")
     distiller = build_distiller(kind, DistillConfig(method=kind), student, teacher, akes.teacher_rms,
                                 akes if kind == "unikd" else None)
     return DistillationModel(student, teacher, distiller)
@@ -152,7 +152,7 @@ def amp_against_fp32(model, images, targets, device, rtol: float, atol: float) -
 
 def check_variant(variant: str, args, device: torch.device, samples) -> dict:
     torch.manual_seed(0)
-    model = build(variant, args.long)
+    model = build(variant)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(epochs=1, optimizer="adamw", lr=1e-4, warmup_iters=0, amp=True, device=str(device))
         trainer = Trainer(model, samples, collate, cfg, batch_size=len(samples), out_dir=tmp, device=device)
@@ -205,8 +205,8 @@ def phi_memory_mb(fam: str, args, device: torch.device, sample) -> float | None:
     if device.type != "cuda":
         return None
     torch.manual_seed(0)
-    student = detector("retinanet", "resnet18", args.long).to(device)
-    teacher = detector(fam, "resnet50", args.long)
+    student = detector("retinanet", "resnet18").to(device)
+    teacher = detector(fam, "resnet50")
     cfg = DistillConfig()
     adaptor = Adaptor(student.feature_strides, student.feature_channels, teacher.feature_strides,
                       teacher.feature_channels, layers=2, n_heads=cfg.adaptor_heads,
