@@ -139,3 +139,14 @@ def test_the_transform_equals_torchvisions_at_the_digits_det_size():
         (a, _), (b, _) = ours(images), theirs(images)
         assert a.image_sizes == b.image_sizes
         assert torch.equal(a.tensors, b.tensors)
+
+
+def test_a_teacher_must_have_seen_every_scale_of_the_job():
+    """Deformable DETR trains at shorter sides 480-800: a student at 800 may learn from it, not one at 900."""
+    detr = ImageResize(1333, tuple(range(480, 801, 32)))
+    assert ImageResize(1333, (800,)).within(detr) and ImageResize(1333, (480, 800)).within(detr)
+    assert not ImageResize(1333, (800, 900)).within(detr)
+    assert not ImageResize(1200, (800,)).within(detr)  # another limit on the longer side
+    assert not ImageResize(1333, (800,)).within(ImageResize(1333))  # the longer-side rule is another rule
+    assert not ImageResize(1333).within(ImageResize(1333, (800,)))
+    assert ImageResize(128).within(ImageResize(128)) and not ImageResize(96).within(ImageResize(128))

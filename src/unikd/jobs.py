@@ -107,10 +107,9 @@ def _load_teacher(checkpoint: str | Path, cfg: C.ExperimentConfig, train_set: Co
     """The teacher of a distillation job, checked against the job's data. Returns ``(teacher, config, ckpt)``."""
     teacher, tcfg, ckpt = load_detector(checkpoint, device, with_checkpoint=True)
     check_categories(f"teacher {checkpoint}", checkpoint_categories(ckpt["meta"]), dataset_categories(train_set))
-    ours, theirs = resize_keys(cfg.data), resize_keys(tcfg.data)
-    if theirs != ours:
-        raise UserError(f"teacher {checkpoint} was trained at {theirs}, this job uses {ours}: they must be "
-                        "equal (the teacher would see images at a scale it was not trained at)")
+    if not ImageResize.from_config(cfg.data, train=True).within(ImageResize.from_config(tcfg.data, train=True)):
+        raise UserError(f"teacher {checkpoint} was trained at {resize_keys(tcfg.data)}, this job uses "
+                        f"{resize_keys(cfg.data)}: the teacher must have been trained at every scale the job uses")
     return teacher, tcfg, ckpt
 
 
