@@ -12,6 +12,7 @@ from unikd.config import ConfigError, DataConfig, ExperimentConfig, from_dict, t
 from unikd.data import CocoDetection, ImageResize
 from unikd.detectors import build_detector
 from unikd.detectors.transform import IMAGE_MEAN, IMAGE_STD, PadOnlyTransform
+from unikd.errors import UserError
 
 S, L = 64, 96  # the shorter side and the limit on the longer one (the paper's 800 / 1333, scaled down)
 
@@ -141,12 +142,25 @@ def test_the_transform_equals_torchvisions_at_the_digits_det_size():
         assert torch.equal(a.tensors, b.tensors)
 
 
-def test_a_teacher_must_have_seen_every_scale_of_the_job():
-    """Deformable DETR trains at shorter sides 480-800: a student at 800 may learn from it, not one at 900."""
-    detr = ImageResize(1333, tuple(range(480, 801, 32)))
-    assert ImageResize(1333, (800,)).within(detr) and ImageResize(1333, (480, 800)).within(detr)
-    assert not ImageResize(1333, (800, 900)).within(detr)
-    assert not ImageResize(1200, (800,)).within(detr)  # another limit on the longer side
-    assert not ImageResize(1333, (800,)).within(ImageResize(1333))  # the longer-side rule is another rule
-    assert not ImageResize(1333).within(ImageResize(1333, (800,)))
-    assert ImageResize(128).within(ImageResize(128)) and not ImageResize(96).within(ImageResize(128))
+
+@pytest.mark.parametrize("teacher, job, accepted", [
+    ({"min_size": [32, 48, 64], "max_size": 96}, {"min_size": 64, "max_size": 96}, True),  # multi-scale teacher
+    ({"min_size": 64, "max_size": 96}, {"min_size": [32, 48, 64], "max_size": 96}, True),  # multi-scale student
+    ({"min_size": 64, "max_size": 96}, {"min_size": 48, "max_size": 96}, False),
+    ({"min_size": 64, "max_size": 96}, {"min_size": 64, "max_size": 128}, False),
+    ({"size": 64}, {"min_size": 32, "max_size": 64}, False),  # the same size, but not the same rule
+    ({"size": 64}, {"size": 64}, True),
+])
+def test_teacher_and_job_must_evaluate_at_the_same_scale(tiny_digits, monkeypatch, teacher, job, accepted):
+    """As the paper's Deformable DETR (shorter sides 480-800) and the others (800): one scale at evaluation."""
+    import unikd.jobs
+
+    tcfg, cfg = (from_dict({"data": {"root": str(tiny_digits), **d}}) for d in (teacher, job))
+    monkeypatch.setattr(unikd.jobs, "load_detector", lambda *a, **k: (None, tcfg, {"meta": {
+        "category_ids": list(range(1, 11))}}))
+    train_set = CocoDetection(tiny_digits, "train", 64)
+    if accepted:
+        unikd.jobs._load_teacher("t.pt", cfg, train_set, "cpu")
+    else:
+        with pytest.raises(UserError, match="must evaluate at the same scale"):
+            unikd.jobs._load_teacher("t.pt", cfg, train_set, "cpu")

@@ -107,9 +107,10 @@ def _load_teacher(checkpoint: str | Path, cfg: C.ExperimentConfig, train_set: Co
     """The teacher of a distillation job, checked against the job's data. Returns ``(teacher, config, ckpt)``."""
     teacher, tcfg, ckpt = load_detector(checkpoint, device, with_checkpoint=True)
     check_categories(f"teacher {checkpoint}", checkpoint_categories(ckpt["meta"]), dataset_categories(train_set))
-    if not ImageResize.from_config(cfg.data, train=True).within(ImageResize.from_config(tcfg.data, train=True)):
+    if ImageResize.from_config(cfg.data, train=False) != ImageResize.from_config(tcfg.data, train=False):
         raise UserError(f"teacher {checkpoint} was trained at {resize_keys(tcfg.data)}, this job uses "
-                        f"{resize_keys(cfg.data)}: the teacher must have been trained at every scale the job uses")
+                        f"{resize_keys(cfg.data)}: they must evaluate at the same scale (the largest data.min_size "
+                        "and data.max_size, or data.size)")
     return teacher, tcfg, ckpt
 
 

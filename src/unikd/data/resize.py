@@ -37,12 +37,6 @@ class ImageResize:
         """How many scales an image may be drawn at (1 for a single-scale rule)."""
         return max(len(self.min_sizes), 1)
 
-    def within(self, other: ImageResize) -> bool:
-        """Whether every scale of this rule is one of ``other``'s (a teacher trained under ``other`` has seen
-        each image size this rule makes): the same kind of rule, the same ``max_size``, ``min_sizes`` a subset."""
-        same_kind = self.max_size == other.max_size and bool(self.min_sizes) == bool(other.min_sizes)
-        return same_kind and set(self.min_sizes) <= set(other.min_sizes)
-
     def transform(self, choice: int = 0) -> v2.Resize:
         """The v2 transform of scale ``choice`` (in ``0..choices-1``); it moves boxes and masks with the image."""
         if not self.min_sizes:
