@@ -74,6 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--ake", help="AKE file from 'unikd pretrain-ake' on that teacher (method unikd)")
     dis.add_argument("--method", help="distill.method: unikd, fitnet or none (default: the config's)")
 
+    imp = sub.add_parser("import-teacher", help="a teacher checkpoint from a torchvision detection-zoo state dict")
+    imp.add_argument("--family", required=True, metavar="ZOO_MODEL",
+                     help="the zoo model the weights are of: retinanet_resnet50_fpn_v2, fcos_resnet50_fpn, "
+                          "fasterrcnn_resnet50_fpn[_v2], maskrcnn_resnet50_fpn[_v2]")
+    imp.add_argument("--weights", required=True, help="its state dict (.pth as torchvision saves it, or .safetensors)")
+    imp.add_argument("--data", required=True, help="the dataset the teacher will serve (its categories, by name)")
+    imp.add_argument("--out", required=True, help="the teacher checkpoint to write")
+    imp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value, e.g. the resize of the jobs that will use it (repeatable)")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
     ev = sub.add_parser("eval", help="COCO mAP of a checkpoint")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", help="dataset folder (default: the one the checkpoint was trained on)")
@@ -121,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.method:
                 cfg.distill.method = args.method
             jobs.distill(cfg, args.teacher, args.out, args.ake, _resume_path(args), args.overwrite)
+        elif args.command == "import-teacher":
+            jobs.import_teacher(args.family, args.weights, args.data, args.out, args.overrides, args.overwrite)
         elif args.command == "eval":
             metrics = jobs.evaluate_checkpoint(args.checkpoint, args.data, args.split, args.device, args.batch_size,
                                                args.subset)

@@ -19,8 +19,10 @@ from .distill import (AbsorbModel, DistillationModel, KnowledgeExtractors, build
 from .distill.teacher_scale import RMS_IMAGES
 from .engine.checkpoint import load_checkpoint, save_atomic
 from .engine.run_folder import claim_run_folder, is_main_process
-from .engine.trainer import Trainer
-from .errors import UserError
+from .detectors.weights import read_state_dict
+from .detectors.zoo import zoo_config, zoo_detector
+from .engine.trainer import Trainer, TrainState
+from .errors import OutputError, UserError
 from .evaluation import evaluate_detector
 
 log = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ def train_detector(cfg: C.ExperimentConfig, out_dir: str | Path, resume: str | P
     """
     claim_run_folder(out_dir, resume, overwrite, is_main_process())
     device, train_set, val_set = _prepare(cfg)
-    detector = build_detector(cfg.model, train_set.num_classes)
+    detector = build_detector(cfg.model, train_set.num_classes, backbone_weights=resume is None)
     return _fit(cfg, detector, train_set, val_set, device, out_dir, resume, meta={})[1]
 
 
@@ -91,7 +93,7 @@ def load_detector(checkpoint: str | Path, device="cpu", with_checkpoint: bool = 
     checkpoint's other entries (``meta``, ``train_state``) when ``with_checkpoint``."""
     ckpt = load_checkpoint(checkpoint, map_location=device)
     cfg = C.from_dict(ckpt["meta"]["config"])
-    detector = build_detector(cfg.model, ckpt["meta"]["num_classes"])
+    detector = build_detector(cfg.model, ckpt["meta"]["num_classes"], backbone_weights=False)
     try:
         detector.load_state_dict(ckpt.pop("model"))
     except RuntimeError:
@@ -164,7 +166,7 @@ def distill(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, out_dir: st
     teacher; evaluate it on val; write ``OUT/student.pt``, a detector checkpoint ``unikd eval`` reads."""
     claim_run_folder(out_dir, resume, overwrite, is_main_process())
     device, train_set, val_set = _prepare(cfg)
-    student = build_detector(cfg.model, train_set.num_classes)
+    student = build_detector(cfg.model, train_set.num_classes, backbone_weights=resume is None)
     teacher, tcfg, _ = _load_teacher(teacher_checkpoint, cfg, train_set, device)
     fingerprint = teacher_fingerprint(teacher, tcfg.model)
     method = method_class(cfg.distill.method)
@@ -200,3 +202,31 @@ def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path | None = N
                      subset)
     return evaluate_detector(detector, dataset, collate, dev, batch_size=batch_size, verbose=D.is_main(),
                              category_ids=ckpt["meta"]["category_ids"])
+
+
+def import_teacher(zoo: str, weights: str | Path, data_root: str | Path, out: str | Path,
+                   overrides: list[str] = (), overwrite: bool = False) -> Path:
+    """Write ``out``, a teacher checkpoint for the dataset in ``data_root`` (the form ``unikd train`` writes, which
+    ``pretrain-ake``, ``distill`` and ``eval`` read) from the state dict ``weights`` of torchvision's COCO zoo
+    model ``zoo`` (:mod:`unikd.detectors.zoo`).
+
+    The config is the defaults with the zoo model's architecture, then ``overrides`` (``key=value``, as
+    ``--set``): the resize of the jobs that will use the teacher, say, or post-processing thresholds. Its class
+    rows are the dataset's categories, matched to COCO's by name. An existing ``out`` is replaced only with
+    ``overwrite``.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputError(f"{out} exists; pass --overwrite to replace it")
+    values = C.to_dict(C.ExperimentConfig())
+    values["model"] = C.to_dict(zoo_config(zoo))
+    values["data"]["root"] = str(data_root)
+    cfg = C.from_dict(C.apply_overrides(values, list(overrides)))
+    train_set, _ = _datasets(cfg)
+    categories = dataset_categories(train_set)
+    teacher = zoo_detector(zoo, cfg.model, read_state_dict(weights), categories)
+    meta = {"config": C.to_dict(cfg), "num_classes": train_set.num_classes, "category_ids": train_set.category_ids,
+            "categories": categories, "imported": {"zoo": zoo, "weights": str(weights)}}
+    save_atomic({"model": teacher.state_dict(), "meta": meta, "train_state": vars(TrainState())}, out)
+    print(f"teacher {zoo} for the {train_set.num_classes} categories of {data_root} written to {out}")
+    return out

@@ -179,7 +179,8 @@ def trunk(name: str, stages: dict[str, int], trainable_layers: int, frozen_bn: b
         stage, want, got = wrong[0]
         raise ConfigError(f"model.backbone: stage {stage} of {name} has stride {got}, the detector expects {want} "
                           f"(strides of {', '.join(stages)}: {strides}, expected {list(stages.values())})")
-    body = Trunk(classification_body(name, frozen_bn), returned, layout.channels_last, channels if layout.output_norm else None)
+    body = Trunk(classification_body(name, frozen_bn), returned, layout.channels_last,
+                 channels if layout.output_norm else None)
     body.strides, body.channels = strides, channels
     freeze(body, layout, trainable_layers)
     return body

@@ -31,9 +31,13 @@ class DetectorAdapter(nn.Module):
     label_offset: ClassVar[int] = 0  # added to labels on the way in, subtracted on the way out
     has_anchors: ClassVar[bool] = True  # model.anchor_sizes gives one size per level
     predicts_masks: ClassVar[bool] = False  # trains on instance masks (targets["masks"]) and predicts them
+    has_v2: ClassVar[bool] = False  # builds torchvision's v2 variant of the family under model.torchvision_v2
 
     def __init__(self, cfg: DetectorConfig, num_classes: int):
         super().__init__()
+        if cfg.torchvision_v2 and not self.has_v2:
+            raise ConfigError(f"model.torchvision_v2: family '{self.family}' has no torchvision v2 variant (those "
+                              "that have: retinanet, faster_rcnn, mask_rcnn)")
         if self.has_anchors and len(cfg.anchor_sizes) != len(self.feature_strides):
             raise ConfigError(
                 f"model.anchor_sizes: family '{self.family}' has {len(self.feature_strides)} FPN levels "

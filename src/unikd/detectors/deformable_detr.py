@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torchvision.ops import box_convert
 
 from unikd.config import ConfigError, DetectorConfig
-from unikd.detectors.backbone import trunk
+from unikd.detectors.backbone import frozen_batch_norm, trunk
 from unikd.detectors.base import DetectorAdapter, input_sizes
 from unikd.detectors.heads import prior_bias
 from unikd.detectors.registry import register_family
@@ -54,9 +54,9 @@ class DETRBackbone(nn.Module):
     (rounded up).
     """
 
-    def __init__(self, name: str, trainable_layers: int, d_model: int):
+    def __init__(self, name: str, trainable_layers: int, d_model: int, frozen_bn: bool = False):
         super().__init__()
-        self.body = trunk(name, dict(zip(("c3", "c4", "c5"), STRIDES)), trainable_layers)
+        self.body = trunk(name, dict(zip(("c3", "c4", "c5"), STRIDES)), trainable_layers, frozen_bn)
         channels = self.body.channels
         self.input_proj = nn.ModuleList([*(projection(c, d_model) for c in channels),
                                          projection(channels[-1], d_model, kernel=3, stride=2)])
@@ -114,7 +114,7 @@ class DeformableDETR(nn.Module):
         super().__init__()
         d = cfg.fpn_channels
         self.transform = PadOnlyTransform()
-        self.backbone = DETRBackbone(cfg.backbone, cfg.trainable_layers, d)
+        self.backbone = DETRBackbone(cfg.backbone, cfg.trainable_layers, d, frozen_batch_norm(cfg))
         attention = dict(d_model=d, n_levels=len(STRIDES), n_heads=cfg.attention_heads,
                          n_points=cfg.attention_points, d_ffn=cfg.ffn_channels)
         self.encoder = DeformableEncoder(**attention, layers=cfg.encoder_layers)

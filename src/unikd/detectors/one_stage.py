@@ -10,7 +10,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from unikd.config import ConfigError, DetectorConfig
-from unikd.detectors.backbone import backbone_fpn
+from unikd.detectors.backbone import backbone_fpn, frozen_batch_norm
 from unikd.detectors.base import DetectorAdapter
 from unikd.detectors.registry import register_family
 from unikd.detectors.transform import PadOnlyTransform
@@ -46,6 +46,7 @@ class OneStageAdapter(DetectorAdapter):
             cfg.trainable_layers,
             stages=dict(zip(("c3", "c4", "c5"), self.feature_strides)),
             extra_blocks=LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels),
+            frozen_bn=frozen_batch_norm(cfg),
         )
         model = self.detector_class(
             backbone,
@@ -67,17 +68,32 @@ class RetinaNetAdapter(OneStageAdapter):
     The head is torchvision's "v2" RetinaNet head: GroupNorm in the towers and a GIoU box loss. Trained from
     scratch on digits-det, the original head (no normalisation, L1 box loss) reached 3.9 AP where FCOS, which
     has GroupNorm, reached 41.8 with the same R50 backbone and schedule (docs/results.md, "Notes").
+
+    With ``model.torchvision_v2`` it is torchvision's ``retinanet_resnet50_fpn_v2`` whole: P6 from C5 instead of
+    P5, and the anchor sizes truncated to integers.
     """
 
     detector_class = RetinaNet
+    has_v2 = True
+
+    def build_model(self, cfg: DetectorConfig, num_classes: int) -> nn.Module:
+        model = super().build_model(cfg, num_classes)
+        if cfg.torchvision_v2:
+            p6 = LastLevelP6P7(model.backbone.body.channels[-1], cfg.fpn_channels)
+            p6.use_P5 = False  # from C5 even where its width is the FPN's
+            model.backbone.fpn.extra_blocks = p6
+            model.anchor_generator = self.anchor_generator(cfg.anchor_sizes, truncate=True)
+        return model
 
     def head(self, channels: int, num_anchors: int, num_classes: int) -> nn.Module:
         head = RetinaNetHead(channels, num_anchors, num_classes, norm_layer=partial(nn.GroupNorm, 32))
         head.regression_head._loss_type = "giou"  # what torchvision's retinanet_resnet50_fpn_v2 sets
         return head
 
-    def anchor_generator(self, anchor_sizes: list[int]) -> AnchorGenerator:
-        sizes = tuple(tuple(s * 2 ** (k / 3) for k in range(3)) for s in anchor_sizes)
+    def anchor_generator(self, anchor_sizes: list[int], truncate: bool = False) -> AnchorGenerator:
+        """``truncate``: each size cut to an integer, as torchvision's own RetinaNet anchors are."""
+        sizes = tuple(tuple(int(s * 2 ** (k / 3)) if truncate else s * 2 ** (k / 3) for k in range(3))
+                      for s in anchor_sizes)
         return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
 
 
