@@ -17,7 +17,6 @@ from torch import Tensor
 from unikd.config import ConfigError, DetectorConfig
 from unikd.detectors import build_detector
 from unikd.detectors.base import DetectorAdapter
-from unikd.detectors.registry import FAMILIES
 from unikd.detectors.weights import WeightsError, check_keys, shapes
 
 _R50 = dict(backbone="resnet50", fpn_channels=256, trainable_layers=3, backbone_weights=None)
@@ -87,11 +86,11 @@ def select_classes(state: dict[str, Tensor], rows: list[int]) -> dict[str, Tenso
     A class tensor ``[A * K * e, ...]`` (A anchors, K zoo classes, e entries per class) becomes
     ``[A * len(rows) * e, ...]``; every other tensor is kept as it is.
     """
-    cut = {}
+    cut, zoo_classes = {}, len(coco_categories())
     for key, value in state.items():
         per_class = CLASS_TENSORS.get(key.rsplit(".", 1)[0])
         if per_class is not None:
-            grouped = value.unflatten(0, (-1, len(coco_categories()), per_class))
+            grouped = value.unflatten(0, (-1, zoo_classes, per_class))
             value = grouped[:, rows].flatten(0, 2)
         cut[key] = value
     return cut
@@ -105,11 +104,11 @@ def zoo_detector(name: str, cfg: DetectorConfig, state: dict[str, Tensor], categ
     the meta device), which are the zoo model's when ``cfg`` is its architecture; a WeightsError names every
     difference.
     """
+    detector = build_detector(cfg, len(categories))
     with torch.device("meta"):
-        twin = build_detector(cfg, len(coco_categories()) - FAMILIES[cfg.family].label_offset)
+        twin = build_detector(cfg, len(coco_categories()) - detector.label_offset)
     expected = {k.removeprefix("model."): v for k, v in shapes(twin).items()}
     check_keys(f"the weights of zoo model {name}", expected, state)
-    detector = build_detector(cfg, len(categories))
     selected = select_classes(state, zoo_rows(categories, detector.label_offset))
     detector.load_state_dict({**detector.state_dict(), **{f"model.{k}": v for k, v in selected.items()}})
     return detector.eval()
