@@ -13,6 +13,17 @@ def tiny_digits(tmp_path_factory):
     return build_digits_det(tmp_path_factory.mktemp("digits") / "digits-det", seed=0, n_train=8, n_val=4, size=64)
 
 
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """A COCO-format train split of three images, one box each: landscape 150x100 (W x H), portrait 90x120 and
+    400x80, whose longer side limits a shorter-side resize (tests/test_resize.py)."""
+    from test_coco_data import ann, write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("shapes"), [(1, 150, 100), (2, 90, 120), (3, 400, 80)], [
+        ann(1, 1, [20, 10, 60, 40]), ann(2, 2, [10, 30, 50, 70]), ann(3, 3, [300, 20, 80, 40]),
+    ])
+
+
 def tiny_config(root, family="retinanet", **train) -> ExperimentConfig:
     """A small but real experiment: R18 with a 32-channel FPN on 64-px images, batch 4."""
     values = to_dict(ExperimentConfig())

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_coco_data import ann, write_dataset
 from unikd.config import load_config
 from unikd.data import CocoDetection, ImageResize, collate
 from unikd.detectors import build_detector
@@ -93,13 +92,6 @@ def test_every_student_builds_with_every_teacher(student_family, teachers, akes)
     for family, teacher in teachers.items():
         distiller = build_distiller(cfg.distill.method, cfg.distill, student, teacher, akes=akes[family])
         assert len(distiller.adaptor.layers) == 2  # φ: two deformable self-attention layers
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    """A landscape and a portrait image with boxes of two categories."""
-    return write_dataset(tmp_path_factory.mktemp("coco-shapes"), [(1, 150, 100), (2, 90, 120)], [
-        ann(1, 1, [20, 10, 60, 40]), ann(2, 1, [90, 50, 40, 30], category_id=7), ann(3, 2, [10, 30, 50, 70])])
 
 
 def test_a_coco_pair_trains_a_step_at_a_small_shorter_side(shapes):

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from test_coco_data import ann, write_dataset
 from test_detectors import tiny_config
 from unikd.config import ConfigError, DataConfig, ExperimentConfig, from_dict, to_dict
 from unikd.data import CocoDetection, ImageResize
@@ -15,14 +14,6 @@ from unikd.detectors.transform import IMAGE_MEAN, IMAGE_STD, PadOnlyTransform
 from unikd.errors import UserError
 
 S, L = 64, 96  # the shorter side and the limit on the longer one (the paper's 800 / 1333, scaled down)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    """Landscape 150x100 (W x H), portrait 90x120, and 400x80, whose longer side hits the limit; one box each."""
-    return write_dataset(tmp_path_factory.mktemp("shapes"), [(1, 150, 100), (2, 90, 120), (3, 400, 80)], [
-        ann(1, 1, [20, 10, 60, 40]), ann(2, 2, [10, 30, 50, 70]), ann(3, 3, [300, 20, 80, 40]),
-    ])
 
 
 def expected_size(h0: int, w0: int, short_side: int, limit: int) -> tuple[int, int]:
