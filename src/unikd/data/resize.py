@@ -38,7 +38,8 @@ class ImageResize:
         return max(len(self.min_sizes), 1)
 
     def transform(self, choice: int = 0) -> v2.Resize:
-        """The v2 transform of scale ``choice`` (in ``0..choices-1``); it moves boxes and masks with the image."""
+        """The v2 transform of scale ``choice`` (in ``0..choices-1``): an image ``[3, H0, W0]`` to ``[3, H, W]``,
+        with its ``BoundingBoxes`` ``[n, 4]`` and ``Mask`` ``[n, H0, W0]`` moved along."""
         if not self.min_sizes:
             return v2.Resize(size=None, max_size=self.max_size, antialias=True)
         return v2.Resize(size=self.min_sizes[choice], max_size=self.max_size, antialias=True)
