@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from unikd.host_copy import to_device
 from unikd.transformer import Memory
 
 
@@ -54,11 +55,11 @@ class Pyramid:
         the level's own normalised coordinates (Deformable DETR's valid ratios, exact in pixels)."""
         shapes = [f.shape[-2:] for f in self.levels]
         ratios = [[(w / (s * W), h / (s * H)) for (H, W), s in zip(shapes, self.strides)] for h, w in self.image_sizes]
-        return torch.tensor(ratios, dtype=torch.float32).to(self.levels[0].device, non_blocking=True)
+        return to_device(torch.tensor(ratios, dtype=torch.float32), self.levels[0].device)
 
     def padding_masks(self) -> list[Tensor]:
         """Per level ``[B, H_l, W_l]`` bool, True on cells that lie wholly in the padding."""
-        valid = torch.tensor(self.valid_cells(), dtype=torch.long).to(self.levels[0].device, non_blocking=True)
+        valid = to_device(torch.tensor(self.valid_cells(), dtype=torch.long), self.levels[0].device)
         masks = []
         for level, f in enumerate(self.levels):
             h, w = f.shape[-2:]

@@ -17,6 +17,7 @@ import math
 import torch
 from torch import nn
 
+from unikd.host_copy import to_device
 from unikd.pyramid import Pyramid
 from unikd.transformer import DeformableEncoderLayer, sine_position_embedding, unflatten_levels
 
@@ -57,7 +58,7 @@ class Adaptor(nn.Module):
             memory = adapted.memory()
             tokens, shapes = memory.tokens, memory.spatial_shapes
             pos = sine_position_embedding(shapes, tokens.shape[-1], tokens.device, memory.valid_ratios)
-            sizes = shapes.prod(1).to(tokens.device)
+            sizes = to_device(shapes.prod(1), tokens.device)
             pos = pos + self.level_embed.repeat_interleave(sizes, dim=0, output_size=tokens.shape[1])
             for layer in self.layers:
                 tokens = layer(tokens, pos, shapes, memory.padding_mask, memory.valid_ratios)

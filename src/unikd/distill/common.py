@@ -5,6 +5,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 
+from unikd.host_copy import to_device
+
 from .box_sampler import sample_query_boxes_batch
 
 
@@ -36,7 +38,8 @@ def normalise_targets(targets: list[dict[str, Tensor]],
     FFN head's frame) and ``"boxes_xyxy"`` normalised xyxy; ``"labels"`` unchanged."""
     out = []
     for t, (h, w) in zip(targets, image_sizes):
-        xyxy = (t["boxes"].float() / t["boxes"].new_tensor([w, h, w, h], dtype=torch.float32)).clamp(0, 1)
+        xyxy = (t["boxes"].float() / to_device(torch.tensor([w, h, w, h], dtype=torch.float32), t["boxes"].device)
+                ).clamp(0, 1)
         out.append({"labels": t["labels"], "boxes": box_convert(xyxy, "xyxy", "cxcywh"), "boxes_xyxy": xyxy})
     return out
 
@@ -47,7 +50,7 @@ def query_boxes(targets: list[dict[str, Tensor]], n: int, alpha: float, beta: fl
     copies, -1 for background). Drawn from the global RNG, which the trainer seeds."""
     boxes, gt_index = sample_query_boxes_batch([t["boxes_xyxy"].cpu() for t in targets], n, alpha, beta)
     device = targets[0]["labels"].device
-    return box_convert(boxes, "xyxy", "cxcywh").to(device), gt_index.to(device)
+    return to_device(box_convert(boxes, "xyxy", "cxcywh"), device), to_device(gt_index, device)
 
 
 def known_assignment(gt_index: Tensor) -> list[tuple[Tensor, Tensor]]:

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from unikd.config import ConfigError, DistillConfig
+from unikd.host_copy import to_device
 from unikd.pyramid import Pyramid
 from unikd.transformer import HungarianMatcher
 
@@ -93,7 +94,7 @@ class UniKD(Distiller):
                 positive = torch.zeros(z_t.shape[:2], dtype=torch.bool)
                 for i, (query, _) in enumerate(self.matcher(logits, boxes, gts)):
                     positive[i, query] = True
-                positive = positive.to(z_t.device, non_blocking=True)
+                positive = to_device(positive, z_t.device)
             else:
                 boxes, gt_index = b_hat or query_boxes(gts, ake.n_queries, self.akes.cfg.alpha, self.akes.cfg.beta)
                 queries = ake.queries(memory, boxes)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from unikd.host_copy import to_device
 from unikd.transformer.msda import MSDeformAttn
 
 
@@ -47,7 +48,7 @@ def _token_centres(spatial_shapes: Tensor, device=None, valid_ratios: Tensor | N
     out = torch.cat(centres)
     if valid_ratios is None:
         return out
-    sizes = spatial_shapes.prod(1).to(valid_ratios.device)
+    sizes = to_device(spatial_shapes.prod(1), valid_ratios.device)
     token_ratios = valid_ratios.repeat_interleave(sizes, dim=1, output_size=len(out))  # [B, S, 2]
     return out / token_ratios
 

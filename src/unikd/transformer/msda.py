@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unikd.host_copy import to_device
+
 
 def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Tensor,
                    attention_weights: Tensor) -> Tensor:
@@ -121,6 +123,6 @@ class MSDeformAttn(nn.Module):
         weights = self.attention_weights(query).view(B, Q, M, L * P).softmax(-1).view(B, Q, M, L, P)
         ref = reference[:, :, None, :, None]  # [B, Q, 1, L, 1, 2|4]
         if reference.shape[-1] == 2:
-            level_size = spatial_shapes.flip(-1).to(offsets.device, offsets.dtype)  # [L, 2] (W_l, H_l)
+            level_size = to_device(spatial_shapes.flip(-1).to(offsets.dtype), offsets.device)  # [L, 2] (W_l, H_l)
             return ref + offsets / level_size[:, None], weights
         return ref[..., :2] + offsets / P * ref[..., 2:] * 0.5, weights
