@@ -54,8 +54,10 @@ ANCHORS = [32, 64, 128, 256, 512]
 
 
 def variants() -> list[str]:
-    """``student``, then ``teacher:F``, ``stage1:F``, ``fitnet:F``, ``unikd:F`` for each teacher family F."""
-    return ["student"] + [f"{kind}:{fam}" for fam in TEACHERS for kind in ("teacher", "stage1", "fitnet", "unikd")]
+    """``student``, then ``teacher:F``, ``stage1:F``, ``fitnet:F``, ``fitnet2:F`` (FitNet with UniKD's
+    two-layer φ), ``unikd:F`` for each teacher family F."""
+    return ["student"] + [f"{kind}:{fam}" for fam in TEACHERS
+                          for kind in ("teacher", "stage1", "fitnet", "fitnet2", "unikd")]
 
 
 def detector(family: str, backbone: str):
@@ -76,7 +78,8 @@ def build(variant: str) -> torch.nn.Module:
     if kind == "stage1":
         return AbsorbModel(teacher, akes)
     student = detector("retinanet", "resnet18")
-    distiller = build_distiller(kind, DistillConfig(method=kind), student, teacher, akes.teacher_rms,
+    cfg = DistillConfig(method="fitnet", adaptor_layers=2) if kind == "fitnet2" else DistillConfig(method=kind)
+    distiller = build_distiller(cfg.method, cfg, student, teacher, akes.teacher_rms,
                                 akes if kind == "unikd" else None)
     return DistillationModel(student, teacher, distiller)
 
@@ -295,6 +298,10 @@ def section(report: dict) -> str:
         if "step_s" in fit and "step_s" in uni:
             lines.append(f"- UniKD / FitNet step, {fam} teacher: {uni['step_s'] / fit['step_s']:.2f}× "
                          "(the paper's: 1.03×).")
+        fit2 = results.get(f"fitnet2:{fam}", {})
+        if "step_s" in fit2 and "step_s" in uni:
+            lines.append(f"- UniKD / FitNet with UniKD's two-layer φ, {fam} teacher: "
+                         f"{uni['step_s'] / fit2['step_s']:.2f}×.")
     for fam, mb in report.get("phi_peak_mb_per_image", {}).items():
         if mb is not None:
             lines.append(f"- `φ` (UniKD's, 2 layers), forward + backward under AMP, one {s['short']} × {s['long']} "
