@@ -149,6 +149,19 @@ class DistillConfig:
     adaptor_heads: int = 8
     adaptor_points: int = 4  # sampling points per head per level
     fitnet_weight: float = 1.0  # weight of FitNet's foreground feature MSE (method fitnet)
+    # FGD (Yang et al., CVPR 2022), the authors' RetinaNet values: weights of the feature loss on foreground (α) and
+    # background (β) cells, of the attention loss (γ) and of the global (GcBlock) loss (λ); T the attention temperature.
+    fgd_alpha: float = 1e-3
+    fgd_beta: float = 5e-4
+    fgd_gamma: float = 5e-4
+    fgd_lambda: float = 5e-6
+    fgd_temperature: float = 0.5
+    # MGD (Yang et al., ECCV 2022), the paper's one-stage values: loss weight α and masked ratio λ.
+    mgd_alpha: float = 2e-5
+    mgd_lambda: float = 0.65
+    # PKD (Cao et al., NeurIPS 2022): weight of the standardised-feature MSE (1 − Pearson r) of each level; 6 in the
+    # authors' configs with a RetinaNet student.
+    pkd_weight: float = 6.0
 
 
 @dataclass
@@ -207,6 +220,9 @@ LIMITS: dict[str, tuple[Callable[[float], bool], str]] = {
     "distill.lambda_ct": _at_least(0), "distill.lambda_pos": _at_least(0), "distill.adaptor_layers": _at_least(0),
     "distill.adaptor_heads": _at_least(1), "distill.adaptor_points": _at_least(1),
     "distill.fitnet_weight": _at_least(0),
+    "distill.fgd_alpha": _at_least(0), "distill.fgd_beta": _at_least(0), "distill.fgd_gamma": _at_least(0),
+    "distill.fgd_lambda": _at_least(0), "distill.fgd_temperature": _above(0), "distill.mgd_alpha": _at_least(0),
+    "distill.mgd_lambda": _within(0, 1), "distill.pkd_weight": _at_least(0),
 }
 
 
