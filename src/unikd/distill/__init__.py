@@ -1,5 +1,5 @@
-"""UniKD (paper §3.2): AKEs, stage 1 (absorb), stage 2 (inject), and the modified FitNet baseline, behind one
-:class:`Distiller` interface and a registry (``register_method``).
+"""UniKD (paper §3.2): AKEs, stage 1 (absorb), stage 2 (inject), and the feature baselines (the modified FitNet,
+FGD, MGD, PKD), behind one :class:`Distiller` interface and a registry (``register_method``).
 
 Inside one's own training loop (see the README)::
 
@@ -15,15 +15,20 @@ from .ake import AKE, KnowledgeExtractors
 from .ake_file import AKEMismatchError, load_ake, save_ake, teacher_fingerprint
 from .base import Distiller, Levels
 from .box_sampler import sample_query_boxes, sample_query_boxes_batch
-from .fitnet import FitNet, foreground_mask, resample_level
+from .feature_kd import FeatureDistiller, LevelPair, foreground_mask, resample_level
+from .fgd import FGD
+from .fitnet import FitNet
+from .mgd import MGD
 from .model import DistillationModel, build_distiller, method_class, method_names
+from .pkd import PKD
 from .registry import METHODS, register_method
 from .teacher_scale import measure_teacher_rms
 from .unikd import TeacherKnowledge, UniKD, knowledge_distance
 
 __all__ = [
-    "AKE", "AKEMismatchError", "AbsorbModel", "Adaptor", "DistillationModel", "Distiller", "FitNet",
-    "KnowledgeExtractors", "Levels", "METHODS", "TeacherKnowledge", "UniKD", "build_distiller", "foreground_mask",
-    "knowledge_distance", "load_ake", "measure_teacher_rms", "method_class", "method_names", "nearest_levels",
-    "register_method", "resample_level", "sample_query_boxes", "sample_query_boxes_batch", "save_ake", "teacher_fingerprint",
+    "AKE", "AKEMismatchError", "AbsorbModel", "Adaptor", "DistillationModel", "Distiller", "FGD",
+    "FeatureDistiller", "FitNet", "KnowledgeExtractors", "LevelPair", "Levels", "METHODS", "MGD", "PKD",
+    "TeacherKnowledge", "UniKD", "build_distiller", "foreground_mask", "knowledge_distance", "load_ake",
+    "measure_teacher_rms", "method_class", "method_names", "nearest_levels", "register_method", "resample_level",
+    "sample_query_boxes", "sample_query_boxes_batch", "save_ake", "teacher_fingerprint",
 ]
