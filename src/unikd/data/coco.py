@@ -229,6 +229,11 @@ class CocoDetection(torch.utils.data.Dataset):
         return len(self.image_ids)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        return self.load(index, *self.augmentation(index))
+
+    def load(self, index: int, flipped: bool, scale: int) -> tuple[torch.Tensor, dict]:
+        """Item ``index`` under a given augmentation: flipped or not, at the resize's scale ``scale`` (in
+        ``0..resize.choices-1``), whatever the epoch would draw. Returns ``(image [3, H, W], target)``."""
         info = self.coco.imgs[self.image_ids[index]]
         path = self.root / "images" / info["file_name"]
         image = load_image(path)
@@ -241,7 +246,6 @@ class CocoDetection(torch.utils.data.Dataset):
                   tv_tensors.BoundingBoxes(torch.tensor(boxes), format="XYXY", canvas_size=(h0, w0))]
         if self.masks:
             inputs.append(tv_tensors.Mask(self.instance_masks(info["id"], h0, w0)))
-        flipped, scale = self.augmentation(index)
         outputs = self.resize.transform(scale)(*inputs)
         if flipped:
             outputs = [F.horizontal_flip(x) for x in outputs]

@@ -44,13 +44,15 @@ def normalise_targets(targets: list[dict[str, Tensor]],
     return out
 
 
-def query_boxes(targets: list[dict[str, Tensor]], n: int, alpha: float, beta: float) -> tuple[Tensor, Tensor]:
+def query_boxes(targets: list[dict[str, Tensor]], n: int, alpha: float, beta: float,
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """``B̂`` for a batch of normalised targets: boxes [B, N, 4] cxcywh in each image's normalised coordinates
     (so inside the image, never in the padding) and ``gt_index`` [B, N] (the ground truth each jittered box
-    copies, -1 for background). Drawn from the global RNG, which the trainer seeds. The sampler runs on the host:
-    all images' ground truth comes over in one copy (one device sync per batch)."""
+    copies, -1 for background). Drawn from ``generator`` (a CPU one), or else from the global RNG, which the
+    trainer seeds. The sampler runs on the host: all images' ground truth comes over in one copy (one device
+    sync per batch)."""
     gt = torch.cat([t["boxes_xyxy"] for t in targets]).cpu().split([len(t["boxes_xyxy"]) for t in targets])
-    boxes, gt_index = sample_query_boxes_batch(list(gt), n, alpha, beta)
+    boxes, gt_index = sample_query_boxes_batch(list(gt), n, alpha, beta, generator)
     device = targets[0]["labels"].device
     return to_device(box_convert(boxes, "xyxy", "cxcywh"), device), to_device(gt_index, device)
 

@@ -27,9 +27,10 @@ def method_class(method: str) -> type[Distiller] | None:
     return METHODS[method]
 
 
-def build_distiller(method: str, cfg: DistillConfig, student: DetectorAdapter, teacher: DetectorAdapter,
+def build_distiller(method: str, cfg: DistillConfig, student: DetectorAdapter, teacher: DetectorAdapter | Levels,
                     teacher_rms: Tensor | None = None, akes: KnowledgeExtractors | None = None) -> Distiller | None:
-    """The registered distiller ``method`` between ``student`` and ``teacher``, or None for ``none``.
+    """The registered distiller ``method`` between ``student`` and ``teacher``, or None for ``none``. ``teacher``
+    may be its level structure alone (offline stage 2: from the fingerprint a knowledge store records).
 
     ``teacher_rms`` ``[L]``: the teacher's fixed per-level scale; a method with ``needs_akes`` takes the one
     stored with its ``akes`` (then ``teacher_rms`` must be None or equal)."""
@@ -45,7 +46,8 @@ def build_distiller(method: str, cfg: DistillConfig, student: DetectorAdapter, t
     elif teacher_rms is None:
         raise ValueError(f"distill.method {method} needs the teacher's per-level scale (teacher_rms)")
     args = (Levels(student.feature_strides, student.feature_channels),
-            Levels(teacher.feature_strides, teacher.feature_channels), cfg, teacher_rms)
+            teacher if isinstance(teacher, Levels) else Levels(teacher.feature_strides, teacher.feature_channels),
+            cfg, teacher_rms)
     return cls(*args, akes) if cls.needs_akes else cls(*args)
 
 

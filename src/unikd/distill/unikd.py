@@ -46,6 +46,36 @@ class TeacherKnowledge:
     positive: Tensor
 
 
+@torch.no_grad()
+def teacher_knowledge(akes: KnowledgeExtractors, teacher: Pyramid, targets: list[dict[str, Tensor]],
+                      kinds: tuple[str, ...], matcher: HungarianMatcher,
+                      b_hat: tuple[Tensor, Tensor] | None = None) -> dict[str, TeacherKnowledge]:
+    """The teacher's side of stage 2: queries, ``z_T`` and positives of each AKE in ``kinds`` ("ct", "pos"), from
+    the teacher pyramid and the targets (image pixels), with the frozen ``akes``. ``b_hat``: ``(boxes [B, N, 4]
+    cxcywh, gt_index [B, N])`` to use as ``B̂`` instead of drawing it from the global RNG. Per image: a sample's
+    knowledge does not depend on its batch-mates (what ``unikd dump`` stores is this, image by image)."""
+    memory = akes.teacher_memory(teacher)
+    gts = normalise_targets(targets, teacher.image_sizes)
+    knowledge = {}
+    for kind in kinds:
+        ake: AKE = getattr(akes, kind)
+        if kind == "ct":
+            queries = ake.queries(memory)
+            z_t = ake.extract(queries, memory)
+            logits, boxes = ake.predict(z_t, queries)
+            positive = torch.zeros(z_t.shape[:2], dtype=torch.bool)
+            for i, (query, _) in enumerate(matcher(logits, boxes, gts)):
+                positive[i, query] = True
+            positive = to_device(positive, z_t.device)
+        else:
+            boxes, gt_index = b_hat or query_boxes(gts, ake.n_queries, akes.cfg.alpha, akes.cfg.beta)
+            queries = ake.queries(memory, boxes)
+            z_t = ake.extract(queries, memory)
+            positive = gt_index >= 0
+        knowledge[kind] = TeacherKnowledge(queries, z_t, positive)
+    return knowledge
+
+
 @register_method("unikd")
 class UniKD(Distiller):
     """``loss(F_T, F_S, targets)`` = {λ1·D(z_ct_S, z_ct_T), λ2·D(z_pos_S, z_pos_T)}.
@@ -77,31 +107,10 @@ class UniKD(Distiller):
     def kinds(self) -> tuple[str, ...]:
         return QUERY_SETS[self.cfg.queries]
 
-    @torch.no_grad()
     def teacher_knowledge(self, teacher: Pyramid, targets: list[dict[str, Tensor]],
                           b_hat: tuple[Tensor, Tensor] | None = None) -> dict[str, TeacherKnowledge]:
-        """Queries, ``z_T`` and positives of each AKE in use, from the teacher pyramid and the targets (image
-        pixels). ``b_hat``: ``(boxes [B, N, 4] cxcywh, gt_index [B, N])`` to use as ``B̂`` instead of drawing it."""
-        memory = self.akes.teacher_memory(teacher)
-        gts = normalise_targets(targets, teacher.image_sizes)
-        knowledge = {}
-        for kind in self.kinds:
-            ake: AKE = getattr(self.akes, kind)
-            if kind == "ct":
-                queries = ake.queries(memory)
-                z_t = ake.extract(queries, memory)
-                logits, boxes = ake.predict(z_t, queries)
-                positive = torch.zeros(z_t.shape[:2], dtype=torch.bool)
-                for i, (query, _) in enumerate(self.matcher(logits, boxes, gts)):
-                    positive[i, query] = True
-                positive = to_device(positive, z_t.device)
-            else:
-                boxes, gt_index = b_hat or query_boxes(gts, ake.n_queries, self.akes.cfg.alpha, self.akes.cfg.beta)
-                queries = ake.queries(memory, boxes)
-                z_t = ake.extract(queries, memory)
-                positive = gt_index >= 0
-            knowledge[kind] = TeacherKnowledge(queries, z_t, positive)
-        return knowledge
+        """:func:`teacher_knowledge` of each AKE in use (``distill.queries``)."""
+        return teacher_knowledge(self.akes, teacher, targets, self.kinds, self.matcher, b_hat)
 
     def distances(self, knowledge: dict[str, TeacherKnowledge], adapted: Pyramid) -> dict[str, Tensor]:
         """``λ·D(z_S, z_T)`` per image [B] for each AKE in ``knowledge``; ``z_S`` is read out of ``adapted``
@@ -114,6 +123,12 @@ class UniKD(Distiller):
             out[f"loss_kd_{kind}"] = weights[kind] * knowledge_distance(z_s, k.z, k.positive)
         return out
 
-    def per_image_losses(self, teacher: Pyramid, student: Pyramid,
+    def per_image_losses(self, teacher: Pyramid | dict[str, TeacherKnowledge], student: Pyramid,
                          targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        return self.distances(self.teacher_knowledge(teacher, targets), self.adaptor(student))
+        """``teacher``: the teacher pyramid (online), or the teacher's knowledge of every AKE as a knowledge store
+        serves it (offline, :mod:`unikd.knowledge`): then no teacher is needed at all."""
+        if isinstance(teacher, Pyramid):
+            knowledge = self.teacher_knowledge(teacher, targets)
+        else:
+            knowledge = {kind: teacher[kind] for kind in self.kinds}
+        return self.distances(knowledge, self.adaptor(student))
