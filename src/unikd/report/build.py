@@ -14,7 +14,8 @@ from . import probes
 from .runs import Run, Runs, find_runs
 from .tables import gains, metrics_table, stages_table
 
-KD_LOSSES = ("loss_kd_", "loss_fitnet")  # prefixes of the distillers' loss names in metrics.jsonl
+# prefixes of the distillers' loss names in metrics.jsonl
+KD_LOSSES = ("loss_kd_", "loss_fitnet", "loss_fgd_", "loss_mgd", "loss_pkd")
 IMAGES = {"activation_maps": 2, "sampling_points": 2, "detections": 3}  # val images per figure
 MIN_SCORE = 0.3  # the lowest score of a detection drawn
 
