@@ -30,8 +30,8 @@ def add_common_training_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> C.ExperimentConfig:
-    flags = {"data.root": args.data, "train.epochs": args.epochs, "train.max_iters": args.max_iters,
-             "train.device": args.device, "train.seed": args.seed}
+    flags = {"data.root": args.data, "train.epochs": getattr(args, "epochs", None),
+             "train.max_iters": getattr(args, "max_iters", None), "train.device": args.device, "train.seed": args.seed}
     overrides = list(args.overrides) + [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None]
     return C.load_config(args.config, overrides)
 
@@ -45,6 +45,19 @@ def _resume_path(args) -> Path | None:
 def _one_line(err: BaseException) -> str:
     """The message of ``err`` on one line (a YAML parser's error, for one, spans several)."""
     return " ".join(str(err).split())
+
+
+def _verify_store(store: str) -> None:
+    """``unikd store verify``: a line per problem, then a UserError (exit status 2), or one line saying it is whole."""
+    from .knowledge import verify_store
+
+    problems, summary = verify_store(store)
+    for problem in problems:
+        print(f"{store}: {problem}")
+    if problems:
+        raise UserError(f"knowledge store {store}: {len(problems)} problem(s), listed above")
+    print(f"{store}: ok, {summary['records']} of {summary['expected']} records in {summary['shards']} shards "
+          f"({summary['bytes']} bytes), every checksum matches")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,9 +83,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     dis = sub.add_parser("distill", help="stage 2: train a student with a teacher (UniKD, FitNet or none)")
     add_common_training_flags(dis)
-    dis.add_argument("--teacher", required=True, help="teacher checkpoint (from 'unikd train')")
+    source = dis.add_mutually_exclusive_group(required=True)
+    source.add_argument("--teacher", help="teacher checkpoint (from 'unikd train')")
+    source.add_argument("--knowledge-store", metavar="STORE",
+                        help="offline UniKD: the teacher's knowledge from 'unikd dump' (no teacher is loaded)")
     dis.add_argument("--ake", help="AKE file from 'unikd pretrain-ake' on that teacher (method unikd)")
     dis.add_argument("--method", help="distill.method: unikd, fitnet or none (default: the config's)")
+
+    dump = sub.add_parser("dump", help="offline: the teacher's UniKD knowledge of every training image to a store")
+    dump.add_argument("config", nargs="?", help="the distillation job's YAML (its data and resize; defaults when omitted)")
+    dump.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value (repeatable)")
+    dump.add_argument("--data", help="dataset folder (data.root)")
+    dump.add_argument("--teacher", required=True, help="teacher checkpoint (from 'unikd train')")
+    dump.add_argument("--ake", required=True, help="AKE file from 'unikd pretrain-ake' on that teacher")
+    dump.add_argument("--out", required=True, metavar="STORE", help="the knowledge store folder (continued if it holds "
+                      "an unfinished dump of the same settings)")
+    dump.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                      help="of the stored embeddings (references are always float32)")
+    dump.add_argument("--draws", type=int, default=1, help="draws of B̂ stored per record; epoch e uses draw e mod K")
+    dump.add_argument("--shard-records", type=int, default=256, help="records per shard file")
+    dump.add_argument("--device", help="auto | cpu | cuda | cuda:N (train.device)")
+    dump.add_argument("--seed", type=int, help="train.seed (seeds the draws of B̂)")
+    dump.add_argument("--overwrite", action="store_true", help="replace a store made with other settings")
+
+    store = sub.add_parser("store", help="knowledge stores").add_subparsers(dest="store_command", required=True)
+    verify = store.add_parser("verify", help="check a knowledge store (checksums, fields, completeness)")
+    verify.add_argument("store", metavar="STORE")
 
     imp = sub.add_parser("import-teacher", help="a teacher checkpoint from a torchvision detection-zoo state dict")
     imp.add_argument("--family", required=True, metavar="ZOO_MODEL",
@@ -131,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_from_args(args)
             if args.method:
                 cfg.distill.method = args.method
-            jobs.distill(cfg, args.teacher, args.out, args.ake, _resume_path(args), args.overwrite)
+            jobs.distill(cfg, args.teacher, args.out, args.ake, _resume_path(args), args.overwrite, args.knowledge_store)
+        elif args.command == "dump":
+            jobs.dump_knowledge(config_from_args(args), args.teacher, args.ake, args.out, args.dtype, args.draws,
+                                args.shard_records, args.overwrite)
+        elif args.command == "store":
+            _verify_store(args.store)
         elif args.command == "import-teacher":
             jobs.import_teacher(args.family, args.weights, args.data, args.out, args.overrides, args.overwrite)
         elif args.command == "eval":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from .categories import check_categories, checkpoint_categories, dataset_categor
 from .data import CocoDetection, ImageResize, build_digits_det, collate
 from .detectors import FAMILIES, build_detector
 from .engine import distributed as D
-from .distill import (AbsorbModel, DistillationModel, KnowledgeExtractors, build_distiller, load_ake,
+from .distill import (AbsorbModel, DistillationModel, KnowledgeExtractors, Levels, build_distiller, load_ake,
                       measure_teacher_rms, method_class, save_ake, teacher_fingerprint)
 from .distill.teacher_scale import RMS_IMAGES
 from .engine.checkpoint import load_checkpoint, save_atomic
@@ -24,6 +25,8 @@ from .detectors.zoo import zoo_config, zoo_detector
 from .engine.trainer import Trainer, TrainState
 from .errors import OutputError, UserError
 from .evaluation import evaluate_detector
+from .knowledge import (KnowledgeStore, KnowledgeStoreError, OfflineDistillationModel, StoredKnowledge,
+                        check_store_fits, dump_manifest, dump_records, prepare_store, store_summary)
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +59,10 @@ def _prepare(cfg: C.ExperimentConfig) -> tuple[torch.device, CocoDetection, Coco
 
 def _fit(cfg: C.ExperimentConfig, model: torch.nn.Module, train_set: CocoDetection, val_set: CocoDetection,
          device: torch.device, out_dir: str | Path, resume: str | Path | None, meta: dict,
-         evaluated=lambda model: model) -> tuple[Trainer, dict]:
+         evaluated=lambda model: model, train_data=None) -> tuple[Trainer, dict]:
     """Train ``model`` with the shared trainer (resuming from ``resume``) and evaluate ``evaluated(model)``
-    on the val split at the end. Returns the trainer and the final COCO metrics."""
+    on the val split at the end. ``train_data``: what the trainer iterates, when not ``train_set`` itself (a
+    :class:`~unikd.knowledge.StoredKnowledge` around it). Returns the trainer and the final COCO metrics."""
 
     def evaluate(m):
         return evaluate_detector(evaluated(m), val_set, collate, device, batch_size=cfg.data.batch_size,
@@ -66,7 +70,7 @@ def _fit(cfg: C.ExperimentConfig, model: torch.nn.Module, train_set: CocoDetecti
 
     meta = {"config": C.to_dict(cfg), "num_classes": train_set.num_classes, "category_ids": train_set.category_ids,
             "categories": dataset_categories(train_set), **meta}
-    trainer = Trainer(model, train_set, collate, cfg.train, batch_size=cfg.data.batch_size,
+    trainer = Trainer(model, train_set if train_data is None else train_data, collate, cfg.train, batch_size=cfg.data.batch_size,
                       workers=cfg.data.workers, out_dir=out_dir, evaluate=evaluate, meta=meta, device=device)
     if resume is not None:
         trainer.resume(resume)
@@ -160,32 +164,94 @@ def pretrain_ake(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, out_di
     return report
 
 
-def distill(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, out_dir: str | Path,
-            ake_path: str | Path | None = None, resume: str | Path | None = None, overwrite: bool = False) -> dict:
+def distill(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path | None, out_dir: str | Path,
+            ake_path: str | Path | None = None, resume: str | Path | None = None, overwrite: bool = False,
+            knowledge_store: str | Path | None = None) -> dict:
     """Stage 2: train the student of ``cfg.model`` with ``cfg.distill.method`` (unikd | fitnet | none) from the
-    teacher; evaluate it on val; write ``OUT/student.pt``, a detector checkpoint ``unikd eval`` reads."""
+    teacher, or (UniKD) from a ``knowledge_store`` that ``unikd dump`` wrote, with no teacher loaded; evaluate it
+    on val; write ``OUT/student.pt``, a detector checkpoint ``unikd eval`` reads."""
+    if (teacher_checkpoint is None) == (knowledge_store is None):
+        raise UserError("stage 2 reads the teacher (--teacher) or a knowledge store (--knowledge-store): give one")
     claim_run_folder(out_dir, resume, overwrite, is_main_process())
     device, train_set, val_set = _prepare(cfg)
     student = build_detector(cfg.model, train_set.num_classes, backbone_weights=resume is None)
-    teacher, tcfg, _ = _load_teacher(teacher_checkpoint, cfg, train_set, device)
-    fingerprint = teacher_fingerprint(teacher, tcfg.model)
-    method = method_class(cfg.distill.method)
-    akes = teacher_rms = None
-    if method is not None and method.needs_akes:
-        if ake_path is None:
-            raise UserError(f"--method {method.method} needs --ake (the output of 'unikd pretrain-ake')")
-        akes, _ = load_ake(ake_path, fingerprint)
-    elif method is not None:
-        teacher_rms = _teacher_rms(teacher, train_set, cfg, device)
-    distiller = build_distiller(cfg.distill.method, cfg.distill, student, teacher, teacher_rms, akes)
-    model = DistillationModel(student, teacher if distiller is not None else None, distiller)
+    if knowledge_store is None:
+        model, fingerprint, train_data = _online_model(cfg, teacher_checkpoint, ake_path, student, train_set, device)
+    else:
+        model, fingerprint, train_data = _offline_model(cfg, knowledge_store, ake_path, student, train_set)
     trainer, metrics = _fit(cfg, model, train_set, val_set, device, out_dir, resume, meta={"teacher": fingerprint},
-                            evaluated=lambda m: m.student)
+                            evaluated=lambda m: m.student, train_data=train_data)
     if D.is_main():
         save_atomic({"model": student.state_dict(), "meta": trainer.meta, "train_state": vars(trainer.state).copy()},
                     Path(out_dir) / "student.pt")
         print(f"{cfg.distill.method} student, val: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     return metrics
+
+
+def _akes_for(method: str, ake_path: str | Path | None, fingerprint: dict):
+    """The stage-1 AKEs of ``ake_path``, checked against the teacher's ``fingerprint``."""
+    if ake_path is None:
+        raise UserError(f"--method {method} needs --ake (the output of 'unikd pretrain-ake')")
+    return load_ake(ake_path, fingerprint)
+
+
+def _online_model(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, ake_path, student, train_set, device):
+    """The model of stage 2 with the teacher in memory. Returns ``(model, teacher fingerprint, None)``."""
+    teacher, tcfg, _ = _load_teacher(teacher_checkpoint, cfg, train_set, device)
+    fingerprint = teacher_fingerprint(teacher, tcfg.model)
+    method = method_class(cfg.distill.method)
+    akes = teacher_rms = None
+    if method is not None and method.needs_akes:
+        akes, _ = _akes_for(method.method, ake_path, fingerprint)
+    elif method is not None:
+        teacher_rms = _teacher_rms(teacher, train_set, cfg, device)
+    distiller = build_distiller(cfg.distill.method, cfg.distill, student, teacher, teacher_rms, akes)
+    return DistillationModel(student, teacher if distiller is not None else None, distiller), fingerprint, None
+
+
+def _offline_model(cfg: C.ExperimentConfig, store_path: str | Path, ake_path, student, train_set):
+    """The model of stage 2 from a knowledge store, no teacher loaded. Returns ``(model, the store's teacher
+    fingerprint, the training set served with its stored knowledge)``."""
+    if cfg.distill.method != "unikd":
+        raise UserError(f"--knowledge-store holds UniKD's knowledge; method '{cfg.distill.method}' cannot use it "
+                        "(--method unikd)")
+    store = KnowledgeStore(store_path)
+    check_store_fits(store, train_set, ImageResize.from_config(cfg.data, train=False))
+    fingerprint = store.manifest["teacher"]
+    akes, info = _akes_for("unikd", ake_path, fingerprint)
+    if info["tensors_sha256"] != store.manifest["ake"]["tensors_sha256"]:
+        raise KnowledgeStoreError(f"{ake_path} are not the AKEs knowledge store {store_path} was dumped with (their "
+                                  "tensors differ); use those, or dump the store again with these")
+    teacher = Levels(fingerprint["strides"], fingerprint["channels"])
+    distiller = build_distiller("unikd", cfg.distill, student, teacher, akes=akes)
+    return OfflineDistillationModel(student, distiller), fingerprint, StoredKnowledge(train_set, store)
+
+
+def dump_knowledge(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, ake_path: str | Path, out: str | Path,
+                   dtype: str = "float16", draws: int = 1, records_per_shard: int = 256,
+                   overwrite: bool = False) -> dict:
+    """``unikd dump``: the teacher's side of UniKD's stage 2 for every training image under every augmentation
+    the job draws, into the knowledge store ``out`` (:mod:`unikd.knowledge`). A store of the same settings is
+    continued where it stopped; another one is replaced only with ``overwrite``. Under ``torchrun`` each rank
+    writes its own shards. Returns ``{"records", "expected", "shards", "bytes", "seconds"}``."""
+    device, train_set, _ = _prepare(cfg)
+    teacher, tcfg, _ = _load_teacher(teacher_checkpoint, cfg, train_set, device)
+    fingerprint = teacher_fingerprint(teacher, tcfg.model)
+    akes, info = load_ake(ake_path, fingerprint)
+    manifest = dump_manifest(fingerprint, info, train_set, ImageResize.from_config(cfg.data, train=False),
+                             cfg.train.seed, draws, dtype)
+    out = Path(out)
+    prepare_store(out, manifest, overwrite)
+    tic = time.perf_counter()
+    dump_records(teacher, akes, train_set, out, manifest, device, cfg.data.batch_size, cfg.data.workers,
+                 records_per_shard)
+    D.barrier()
+    summary = {**store_summary(out), "seconds": time.perf_counter() - tic}
+    if D.is_main():
+        print(f"knowledge store {out}: {summary['records']} of {summary['expected']} records in {summary['shards']} "
+              f"shards, {summary['bytes'] / 2**20:.1f} MiB ({summary['bytes'] / max(summary['records'], 1) / 1024:.1f}"
+              f" KiB per record, {manifest['dtype']}, {draws} draw(s) of B̂)")
+    return summary
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data_root: str | Path | None = None, split: str = "val",

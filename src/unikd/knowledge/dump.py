@@ -1,0 +1,165 @@
+"""``unikd dump``: the teacher and the frozen AKEs over the training set, every record written once.
+
+The work is every training image under every augmentation variant the training can draw (both flips when
+``data.hflip > 0``, every shorter side of ``data.min_size``), in dataset order, less the records already
+committed; under ``torchrun`` rank ``r`` takes every ``world``-th of what is left and writes its own shards. A
+killed dump is restarted with the same command: the uncommitted shard files are removed and the work that is
+left is done, so every record ends up in the store exactly once.
+
+``B̂`` is drawn per record from a generator seeded by ``(train.seed, image id, flip, shorter side, draw)``,
+independent of the batch, the rank and the restart: the same store comes out of any run.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from unikd.categories import dataset_categories
+from unikd.data import CocoDetection, ImageResize, collate
+from unikd.distill import KnowledgeExtractors
+from unikd.distill.common import normalise_targets, query_boxes
+from unikd.distill.unikd import TeacherKnowledge, teacher_knowledge
+from unikd.engine import distributed as D
+from unikd.engine.progress import progress
+from unikd.errors import OutputError
+from unikd.transformer import HungarianMatcher
+
+from .manifest import (KINDS, MANIFEST, KnowledgeStoreError, expected_keys, manifest_differences, new_manifest,
+                       read_manifest, variant_key, write_manifest)
+from .shards import SHARDS, ShardWriter, read_indexes, uncommitted
+
+
+def variants(dataset: CocoDetection) -> list[tuple[bool, int]]:
+    """Every augmentation the training can draw: ``(flipped, scale choice)`` pairs."""
+    flips = (False, True) if dataset.hflip > 0 else (False,)
+    return [(flip, choice) for flip in flips for choice in range(dataset.resize.choices)]
+
+
+def min_size_of(dataset: CocoDetection, choice: int) -> int | None:
+    """The shorter side of scale ``choice`` of the dataset's resize (None under a longer-side rule)."""
+    return dataset.resize.min_sizes[choice] if dataset.resize.min_sizes else None
+
+
+def resize_spec(resize: ImageResize) -> dict:
+    """A resize rule as the manifest records it: ``{"max_size": int, "min_sizes": [int, ...]}``."""
+    return {"max_size": resize.max_size, "min_sizes": list(resize.min_sizes)}
+
+
+class VariantSet(Dataset):
+    """Items ``(index, flipped, choice)`` of ``dataset``, each under its own augmentation; the target also
+    carries ``"min_size"``."""
+
+    def __init__(self, dataset: CocoDetection, items: list[tuple[int, bool, int]]):
+        self.dataset, self.items = dataset, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, j: int) -> tuple[Tensor, dict]:
+        index, flipped, choice = self.items[j]
+        image, target = self.dataset.load(index, flipped, choice)
+        return image, {**target, "min_size": min_size_of(self.dataset, choice)}
+
+
+def dump_manifest(teacher: dict, ake_info: dict, dataset: CocoDetection, eval_resize: ImageResize, seed: int,
+                  draws: int, dtype: str) -> dict:
+    """The manifest of a dump of ``dataset`` (every variant it draws) with the teacher of fingerprint ``teacher``
+    and the AKEs ``ake_info`` describes (what ``load_ake`` returns)."""
+    return new_manifest(teacher=teacher, ake_info=ake_info, categories=dataset_categories(dataset),
+                        image_ids=dataset.image_ids,
+                        variants=[(flip, min_size_of(dataset, choice)) for flip, choice in variants(dataset)],
+                        eval_resize=resize_spec(eval_resize), seed=seed, draws=draws, dtype=dtype)
+
+
+def store_summary(root: Path) -> dict:
+    """``{"records", "expected", "shards", "bytes"}`` of a store, from its manifest and shard indexes."""
+    indexes = read_indexes(root)
+    return {"records": sum(len(i["records"]) for i in indexes), "expected": len(expected_keys(read_manifest(root))),
+            "shards": len(indexes), "bytes": sum(i["bytes"] for i in indexes)}
+
+
+def prepare_store(root: Path, manifest: dict, overwrite: bool) -> None:
+    """Make ``root`` the store of ``manifest`` (rank 0 writes, every rank waits): a new folder; the same store,
+    continued (its uncommitted files removed); or, with ``overwrite``, another store replaced. A store of other
+    settings without ``overwrite``, or a folder that is not a store, is refused."""
+    if D.is_main():
+        if (root / MANIFEST).is_file():
+            differences = manifest_differences(read_manifest(root), manifest)
+            if differences and not overwrite:
+                raise KnowledgeStoreError(f"{root} holds a store made with other settings (" + "; ".join(differences)
+                                          + "); pass --overwrite to replace it, or choose another --out")
+            if differences:
+                shutil.rmtree(root)
+        elif root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise OutputError(f"{root} exists and is not a knowledge store; choose another --out")
+        (root / SHARDS).mkdir(parents=True, exist_ok=True)
+        for path in uncommitted(root):
+            path.unlink()
+        write_manifest(root, manifest)
+    D.barrier()
+
+
+def record_seed(seed: int, key: tuple[int, bool, int | None], draw: int) -> int:
+    """The seed of ``B̂`` draw ``draw`` of a record."""
+    image_id, hflip, min_size = key
+    return int(np.random.SeedSequence([seed, image_id, int(hflip), min_size or 0, draw]).generate_state(1)[0])
+
+
+def seeded_b_hat(targets: list[dict], image_sizes: list[tuple[int, int]], akes: KnowledgeExtractors, seed: int,
+                 draw: int) -> tuple[Tensor, Tensor]:
+    """``B̂`` of a batch, each image's from its own seeded generator: (boxes [B, N, 4] cxcywh, gt_index [B, N])."""
+    cfg = akes.cfg
+    per_image = [query_boxes([gt], cfg.n_queries, cfg.alpha, cfg.beta, torch.Generator().manual_seed(
+        record_seed(seed, variant_key(t["image_id"], t["flipped"], t["min_size"]), draw)))
+        for gt, t in zip(normalise_targets(targets, image_sizes), targets)]
+    return torch.cat([b for b, _ in per_image]), torch.cat([g for _, g in per_image])
+
+
+def record_fields(content: TeacherKnowledge, positional: list[TeacherKnowledge], gt_index: list[Tensor], i: int,
+                  dtype: torch.dtype) -> dict[str, Tensor]:
+    """Image ``i``'s record (:mod:`unikd.knowledge.manifest`): embeddings in ``dtype``, references in float32.
+    ``positional`` and ``gt_index`` (each [B, N]) hold the K draws."""
+    return {
+        "ct/q": content.queries.q[i].to(dtype), "ct/reference": content.queries.reference[i].float(),
+        "ct/z": content.z[i].to(dtype), "ct/positive": content.positive[i],
+        "pos/q": torch.stack([k.queries.q[i] for k in positional]).to(dtype),
+        "pos/reference": torch.stack([k.queries.reference[i] for k in positional]).float(),
+        "pos/z": torch.stack([k.z[i] for k in positional]).to(dtype),
+        "pos/gt_index": torch.stack([g[i] for g in gt_index]),
+    }
+
+
+@torch.no_grad()
+def dump_records(teacher, akes: KnowledgeExtractors, dataset: CocoDetection, root: Path, manifest: dict,
+                 device: torch.device, batch_size: int, workers: int, records_per_shard: int) -> int:
+    """Write this rank's share of the records the store still lacks; return how many it wrote."""
+    done = {variant_key(r["image_id"], r["hflip"], r["min_size"]) for index in read_indexes(root)
+            for r in index["records"]}
+    items = [(index, flip, choice) for index, image_id in enumerate(dataset.image_ids)
+             for flip, choice in variants(dataset)
+             if variant_key(image_id, flip, min_size_of(dataset, choice)) not in done]
+    items = items[D.rank()::D.world_size()]
+    writer = ShardWriter(root, D.rank(), records_per_shard, manifest["fields"])
+    dtype, draws, matcher = getattr(torch, manifest["dtype"]), manifest["draws"], HungarianMatcher()
+    teacher.eval()
+    akes.to(device).eval()
+    loader = DataLoader(VariantSet(dataset, items), batch_size=batch_size, collate_fn=collate, num_workers=workers)
+    for images, targets in progress(loader, desc="dump", unit="batch"):
+        images = [image.to(device) for image in images]
+        targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+        pyramid = teacher.extract_features(images)
+        b_hats = [seeded_b_hat(targets, pyramid.image_sizes, akes, manifest["seed"], d) for d in range(draws)]
+        first = teacher_knowledge(akes, pyramid, targets, KINDS, matcher, b_hats[0])
+        positional = [first["pos"], *(teacher_knowledge(akes, pyramid, targets, ("pos",), matcher, b)["pos"]
+                                      for b in b_hats[1:])]
+        for i, (image, target) in enumerate(zip(images, targets)):
+            augmentation = {"image_id": target["image_id"], "hflip": target["flipped"],
+                            "min_size": target["min_size"], "image_size": list(image.shape[-2:])}
+            writer.add(augmentation, record_fields(first["ct"], positional, [g for _, g in b_hats], i, dtype))
+    writer.flush()
+    return len(items)

@@ -1,0 +1,109 @@
+"""Offline stage 2: the training set served with each sample's stored teacher knowledge, and the model that
+distills from it with no teacher at all.
+
+The record served is the one made under the sample's own augmentation (flip, shorter side) and at its image
+size; anything else is refused (:meth:`unikd.knowledge.store.KnowledgeStore.record`). Of a record's K draws of
+``B̂``, epoch ``e`` uses draw ``e mod K``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from unikd.categories import check_categories, dataset_categories
+from unikd.data import CocoDetection, ImageResize
+from unikd.detectors import DetectorAdapter
+from unikd.distill import Distiller, TeacherKnowledge
+from unikd.distill.ake import Queries
+
+from .dump import min_size_of, resize_spec, variants
+from .manifest import KnowledgeStoreError
+from .store import KnowledgeStore
+
+KNOWLEDGE = "knowledge"  # the target key that carries a sample's record
+
+
+def check_store_fits(store: KnowledgeStore, dataset: CocoDetection, eval_resize: ImageResize) -> None:
+    """Refuse a store made from other data than a training job's: other categories or image ids, no records of
+    an augmentation the job draws, or another evaluation scale (the teacher's must be the job's)."""
+    manifest, where = store.manifest, f"knowledge store {store.root}"
+    check_categories(where, manifest["categories"], dataset_categories(dataset))
+    missing = sorted(set(dataset.image_ids) - set(manifest["image_ids"]))
+    if missing:
+        raise KnowledgeStoreError(f"{where} was dumped from other images: {len(missing)} training image id(s) are not "
+                                  f"in it, first {missing[0]}")
+    stored = [(v["hflip"], v["min_size"]) for v in manifest["variants"]]
+    drawn = [(flip, min_size_of(dataset, choice)) for flip, choice in variants(dataset)]
+    lacking = [d for d in drawn if d not in stored]
+    if lacking:
+        def name(flip: bool, min_size: int | None) -> str:
+            return ("flipped" if flip else "not flipped") + ("" if min_size is None else f" at shorter side {min_size}")
+
+        raise KnowledgeStoreError(f"{where} has no records of images {', '.join(name(*d) for d in lacking)}, which "
+                                  f"this training draws (data.hflip, data.min_size); it holds "
+                                  f"{', '.join(name(*v) for v in stored)}. Dump with this job's data settings")
+    if manifest["eval_resize"] != resize_spec(eval_resize):
+        raise KnowledgeStoreError(f"{where} was dumped for a job that evaluates at {manifest['eval_resize']}, this job "
+                                  f"at {resize_spec(eval_resize)}: the teacher and the job must evaluate at the same "
+                                  "scale")
+
+
+class StoredKnowledge(Dataset):
+    """``dataset``'s samples, each target with ``target["knowledge"]``: its record's fields with draw
+    ``epoch mod K`` of ``B̂`` (``ct/*`` as stored, ``pos/*`` without the draw dimension)."""
+
+    def __init__(self, dataset: CocoDetection, store: KnowledgeStore):
+        self.dataset, self.store = dataset, store
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict]:
+        image, target = self.dataset[index]
+        _, choice = self.dataset.augmentation(index)
+        record = self.store.record(target["image_id"], target["flipped"], min_size_of(self.dataset, choice),
+                                   image_size=tuple(image.shape[-2:]))
+        draw = self.epoch % self.store.manifest["draws"]
+        fields = {k: (v[draw] if k.startswith("pos/") else v) for k, v in record.items()}
+        return image, {**target, KNOWLEDGE: fields}
+
+
+def batch_knowledge(records: list[dict[str, Tensor]], device: torch.device) -> dict[str, TeacherKnowledge]:
+    """The B records of a batch as the distiller's :class:`~unikd.distill.TeacherKnowledge` per AKE, on
+    ``device``, embeddings in float32: q [B, N, C], reference [B, N, 2 | 4], z [B, N, C], positive [B, N]."""
+    def stack(field: str, dtype: torch.dtype | None = None) -> Tensor:
+        return torch.stack([r[field] for r in records]).to(device=device, dtype=dtype, non_blocking=True)
+
+    return {
+        "ct": TeacherKnowledge(Queries(stack("ct/q", torch.float32), stack("ct/reference")),
+                               stack("ct/z", torch.float32), stack("ct/positive")),
+        "pos": TeacherKnowledge(Queries(stack("pos/q", torch.float32), stack("pos/reference")),
+                                stack("pos/z", torch.float32), stack("pos/gt_index") >= 0),
+    }
+
+
+class OfflineDistillationModel(nn.Module):
+    """``forward(images, targets)`` = the student's detection losses + the distiller's losses from the knowledge
+    in the targets (:class:`StoredKnowledge`); no teacher. ``predict`` is the student's."""
+
+    def __init__(self, student: DetectorAdapter, distiller: Distiller):
+        super().__init__()
+        self.student, self.distiller = student, distiller
+
+    def forward(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
+        if any(KNOWLEDGE not in t for t in targets):
+            raise ValueError("offline distillation needs each target's stored knowledge (a StoredKnowledge dataset)")
+        plain = [{k: v for k, v in t.items() if k != KNOWLEDGE} for t in targets]
+        losses, student_features = self.student(images, plain)
+        knowledge = batch_knowledge([t[KNOWLEDGE] for t in targets], student_features.levels[0].device)
+        losses.update(self.distiller.loss(knowledge, student_features, plain))
+        return losses
+
+    def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        return self.student.predict(images)
