@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -261,3 +264,21 @@ def test_a_variant_that_was_not_stored_is_refused(offline, tmp_path, capsys):
     flipped = next(i for i in range(len(served)) if served.dataset.augmentation(i)[0])
     with pytest.raises(KnowledgeStoreError, match="no record of image .* \\(flipped\\)"):
         served[flipped]
+
+
+def test_under_torchrun_each_rank_writes_its_own_shards_and_the_records_are_the_same(offline, tmp_path):
+    out = tmp_path / "store"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "unikd", "dump",
+           str(offline["yaml"]), "--teacher", str(offline["teacher"]), "--ake", str(offline["ake"]), "--out", str(out),
+           "--dtype", "float32", "--draws", "2", "--shard-records", "3"]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(p.name for p in (out / SHARDS).glob("*.safetensors"))
+    assert names == [f"rank{r:03d}-{s:06d}.safetensors" for r in (0, 1) for s in range(3)]  # 8 records per rank
+    assert verify_store(out)[0] == []
+    both, single = KnowledgeStore(out), KnowledgeStore(offline["fp32"])
+    assert sorted(both.keys(), key=str) == sorted(single.keys(), key=str)
+    for key in both.keys():
+        a, b = both.record(*key), single.record(*key)
+        assert torch.equal(a["pos/reference"], b["pos/reference"])
+        torch.testing.assert_close(a["ct/z"], b["ct/z"], rtol=1e-5, atol=1e-5)

@@ -84,19 +84,22 @@ def store_summary(root: Path) -> dict:
 
 
 def prepare_store(root: Path, manifest: dict, overwrite: bool) -> None:
-    """Make ``root`` the store of ``manifest`` (rank 0 writes, every rank waits): a new folder; the same store,
-    continued (its uncommitted files removed); or, with ``overwrite``, another store replaced. A store of other
-    settings without ``overwrite``, or a folder that is not a store, is refused."""
+    """Make ``root`` the store of ``manifest``: a new folder; the same store, continued (its uncommitted files
+    removed); or, with ``overwrite``, another store replaced. A store of other settings without ``overwrite``, or a
+    folder that is not a store, is refused. Every rank checks (so all of them raise alike); rank 0 writes."""
+    replace = False
+    if (root / MANIFEST).is_file():
+        differences = manifest_differences(read_manifest(root), manifest)
+        if differences and not overwrite:
+            raise KnowledgeStoreError(f"{root} holds a store made with other settings (" + "; ".join(differences)
+                                      + "); pass --overwrite to replace it, or choose another --out")
+        replace = bool(differences)
+    elif root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise OutputError(f"{root} exists and is not a knowledge store; choose another --out")
+    D.barrier()
     if D.is_main():
-        if (root / MANIFEST).is_file():
-            differences = manifest_differences(read_manifest(root), manifest)
-            if differences and not overwrite:
-                raise KnowledgeStoreError(f"{root} holds a store made with other settings (" + "; ".join(differences)
-                                          + "); pass --overwrite to replace it, or choose another --out")
-            if differences:
-                shutil.rmtree(root)
-        elif root.exists() and (not root.is_dir() or any(root.iterdir())):
-            raise OutputError(f"{root} exists and is not a knowledge store; choose another --out")
+        if replace:
+            shutil.rmtree(root)
         (root / SHARDS).mkdir(parents=True, exist_ok=True)
         for path in uncommitted(root):
             path.unlink()
