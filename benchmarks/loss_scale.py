@@ -5,8 +5,9 @@
 On the first 8 digits-det train images, with the untrained R18 RetinaNet student of
 ``configs/digits/distill_retinanet_r18.yaml``: the student's detection loss, each teacher's fixed per-level RMS
 (what FitNet and the AKEs divide the teacher by, measured on 256 training images), the FitNet loss (unweighted)
-and the two UniKD distances D (unweighted, λ = 1) with the stage-1 AKEs of ``benchmarks/distillation.py``.
-Writes a section of docs/results.md.
+and the two UniKD distances D (unweighted, λ = 1) with the stage-1 AKEs of ``benchmarks/distillation.py``; then
+the other feature baselines: FGD's three terms at the paper's weights (α, β, γ, λ, T of ``DistillConfig``), MGD
+at α = 1 (its masked ratio the paper's) and PKD at weight 1. Writes a section of docs/results.md.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from doc_sections import replace_section
 
-from unikd.config import load_config
+from unikd.config import DistillConfig, load_config
 from unikd.data import CocoDetection, collate
 from unikd.detectors import build_detector
 from unikd.distill import build_distiller, load_ake, measure_teacher_rms, teacher_fingerprint
@@ -27,6 +28,7 @@ from unikd.jobs import load_detector
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("faster_rcnn", "fcos", "retinanet")
+FGD_WEIGHTS = ("fgd_alpha", "fgd_beta", "fgd_gamma", "fgd_lambda", "fgd_temperature")
 
 
 def main() -> None:
@@ -40,7 +42,9 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = load_config(ROOT / "configs" / "digits" / "distill_retinanet_r18.yaml")
-    unweighted = dataclasses.replace(cfg.distill, lambda_ct=1.0, lambda_pos=1.0, fitnet_weight=1.0)
+    paper = {name: getattr(DistillConfig(), name) for name in (*FGD_WEIGHTS, "mgd_lambda")}
+    unweighted = dataclasses.replace(cfg.distill, lambda_ct=1.0, lambda_pos=1.0, fitnet_weight=1.0, mgd_alpha=1.0,
+                                     pkd_weight=1.0, **paper)
     dataset = CocoDetection(args.data, "train", cfg.data.size)
     images, targets = collate([dataset[i] for i in range(8)])
     student = build_detector(cfg.model, dataset.num_classes).train()
@@ -53,6 +57,15 @@ def main() -> None:
         "",
         "| teacher (R50) | student detection loss | teacher RMS per level (fixed) | FitNet loss | D_ct | D_pos |",
         "|---|---|---|---|---|---|",
+    ]
+    baselines = [
+        "",
+        "The other feature baselines on the same images, with the same student and one-layer φ: FGD's feature "
+        "(α, β), attention (γ) and global (λ) terms at the paper's weights, MGD at α = 1 (masked ratio "
+        f"{paper['mgd_lambda']}), PKD at weight 1.",
+        "",
+        "| teacher (R50) | FGD feature / attention / global | MGD | PKD |",
+        "|---|---|---|---|",
     ]
     with torch.no_grad():
         losses, student_features = student(images, targets)
@@ -75,7 +88,13 @@ def main() -> None:
                 cells += ["no AKE", "no AKE"]
             lines.append("| " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
-    replace_section(args.doc, "\n".join(lines) + "\n", title="# Results")
+            feature = {method: build_distiller(method, unweighted, student, teacher, teacher_rms).loss(
+                teacher_features, student_features, targets) for method in ("fgd", "mgd", "pkd")}
+            fgd = " / ".join(f"{v.item():.2f}" for v in feature["fgd"].values())
+            baselines.append(f"| {fam} | {fgd} | {feature['mgd']['loss_mgd'].item():.0f} | "
+                             f"{feature['pkd']['loss_pkd'].item():.2f} |")
+            print(baselines[-1], flush=True)
+    replace_section(args.doc, "\n".join(lines + baselines) + "\n", title="# Results")
 
 
 if __name__ == "__main__":
