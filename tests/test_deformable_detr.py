@@ -13,7 +13,9 @@ from torchvision.ops import box_convert
 from unikd import cli
 from unikd.config import ConfigError, DetectorConfig, load_config, to_dict
 from unikd.detectors import build_detector
-from unikd.transformer import HungarianMatcher, refine_boxes, set_loss, topk_detections
+from unikd.pyramid import Pyramid
+from unikd.transformer import (DeformableDecoder, DeformableEncoder, HungarianMatcher, refine_boxes, set_loss,
+                               sine_position_embedding, topk_detections)
 
 from conftest import tiny_config
 from test_distill import batch, crop, random_pyramid  # batch: a landscape and a portrait image
@@ -233,3 +235,56 @@ def test_distill_between_deformable_detr_and_retinanet_both_ways(teacher, studen
         metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
         assert metrics[key] > 0 and all(v == v for v in metrics.values() if isinstance(v, float))
         assert ("loss_giou_0" in metrics) == (student == "deformable_detr")
+
+
+def two_image_memory(channels: int = 8):
+    """A 2-level memory of a landscape and a smaller portrait image (padding, valid ratios below 1)."""
+    torch.manual_seed(3)
+    levels = [torch.randn(2, channels, 4, 6), torch.randn(2, channels, 2, 3)]
+    return Pyramid(levels, [8, 16], [(32, 48), (30, 20)]).memory()
+
+
+def test_encoder_stack_is_its_layers_with_sine_plus_level_positions_by_hand():
+    encoder = DeformableEncoder(d_model=8, n_levels=2, n_heads=2, n_points=2, d_ffn=16, layers=2, dropout=0.3)
+    assert [m.p for m in encoder.modules() if isinstance(m, torch.nn.Dropout)] == [0.3] * 6
+    encoder.eval()
+    memory = two_image_memory()
+    with torch.no_grad():
+        for layer in encoder.layers:  # let the position steer the sampling (zero at init)
+            layer.self_attn.sampling_offsets.weight.normal_(std=0.3)
+    pos = sine_position_embedding(memory.spatial_shapes, 8, valid_ratios=memory.valid_ratios)
+    pos = pos + torch.cat([encoder.level_embed[0].expand(24, 8), encoder.level_embed[1].expand(6, 8)])
+    tokens = memory.tokens
+    for layer in encoder.layers:
+        tokens = layer(tokens, pos, memory.spatial_shapes, memory.padding_mask, memory.valid_ratios)
+    torch.testing.assert_close(encoder(memory), tokens)
+
+
+def test_decoder_stack_is_its_layers_with_the_query_positions_by_hand():
+    decoder = DeformableDecoder(d_model=8, n_levels=2, n_heads=2, n_points=2, d_ffn=16, layers=2, dropout=0.3)
+    assert [m.p for m in decoder.modules() if isinstance(m, torch.nn.Dropout)] == [0.3] * 6
+    assert [layer.self_attn.dropout for layer in decoder.layers] == [0.3, 0.3]
+    decoder.eval()
+    memory = two_image_memory()
+    tgt, query_pos, reference = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.rand(2, 5, 2)
+    expected, x = [], tgt
+    for layer in decoder.layers:
+        x = layer(x, query_pos, memory.level_reference(reference), memory.tokens, memory.spatial_shapes,
+                  memory.padding_mask)
+        expected.append(x)
+    hs, references = decoder(tgt, query_pos, reference, memory)
+    torch.testing.assert_close(hs, torch.stack(expected))
+    assert all(ref is reference for ref in references)
+
+
+def test_refine_boxes_keeps_references_on_the_image_edges_finite():
+    """A reference at exactly 0 or 1 reads as 1e-5 or 1 - 1e-5 (logit of 0 or 1 is infinite)."""
+    edges = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    expected = torch.tensor([1e-5, 1 - 1e-5, 1e-5, 1 - 1e-5], dtype=torch.float64)
+    torch.testing.assert_close(refine_boxes(torch.zeros(4, dtype=torch.float64), edges), expected, rtol=0, atol=1e-12)
+
+
+def test_topk_detections_clip_boxes_at_the_left_and_top_edges():
+    logits, boxes = torch.tensor([[[1.0]]]), torch.tensor([[[0.1, 0.05, 0.4, 0.3]]])  # x1 = -0.1, y1 = -0.1
+    [det] = topk_detections(logits, boxes, [(40, 64)], k=1)
+    torch.testing.assert_close(det["boxes"], torch.tensor([[0.0, 0.0, 0.3 * 64, 0.2 * 40]]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from unikd.host_copy import to_device
 from unikd.transformer.layers import DeformableEncoderLayer, Memory, sine_position_embedding
 
 
@@ -26,7 +27,7 @@ class DeformableEncoder(nn.Module):
         """``memory`` with tokens ``[B, S, d_model]`` -> encoded tokens ``[B, S, d_model]`` (same layout)."""
         tokens, shapes = memory.tokens, memory.spatial_shapes
         pos = sine_position_embedding(shapes, tokens.shape[-1], tokens.device, memory.valid_ratios)
-        sizes = shapes.prod(1).to(tokens.device)
+        sizes = to_device(shapes.prod(1), tokens.device)
         pos = pos + self.level_embed.repeat_interleave(sizes, dim=0, output_size=tokens.shape[1])
         for layer in self.layers:
             tokens = layer(tokens, pos, shapes, memory.padding_mask, memory.valid_ratios)
