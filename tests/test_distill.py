@@ -140,6 +140,22 @@ def test_targets_are_normalised_by_each_images_own_size():
     assert boxes.shape == (1, 6, 4) and gt_index.shape == (1, 6) and set(gt_index.tolist()[0]) <= {-1, 0}
 
 
+def test_query_boxes_come_from_the_generator_given_and_leave_the_global_rng_alone():
+    """With a generator (the knowledge store's seeded draws), B̂ is that generator's draw: the same seed gives the
+    same boxes, another seed others, and the global RNG is neither read nor advanced."""
+    gts = normalise_targets([{"boxes": torch.tensor([[4.0, 6.0, 30.0, 38.0], [40.0, 2.0, 60.0, 20.0]]),
+                              "labels": torch.tensor([0, 1])}], [(40, 64)])
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = query_boxes(gts, 8, 0.6, 0.4, torch.Generator().manual_seed(5))
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(1)
+    again = query_boxes(gts, 8, 0.6, 0.4, torch.Generator().manual_seed(5))
+    other = query_boxes(gts, 8, 0.6, 0.4, torch.Generator().manual_seed(6))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], other[0])
+
+
 def test_query_boxes_lie_in_the_images_own_region_at_the_configured_alpha_and_beta(pair):
     """B̂ is drawn in normalised image coordinates (inside the image, never in the padding), and the α and β of
     the AKE config reach the sampler."""
