@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--knowledge-store", metavar="STORE",
                         help="offline UniKD: the teacher's knowledge from 'unikd dump' (no teacher is loaded)")
     dis.add_argument("--ake", help="AKE file from 'unikd pretrain-ake' on that teacher (method unikd)")
-    dis.add_argument("--method", help="distill.method: unikd, fitnet or none (default: the config's)")
+    dis.add_argument("--method", help="distill.method: unikd, fitnet, fgd, mgd, pkd or none (default: the config's)")
 
     dump = sub.add_parser("dump", help="offline: the teacher's UniKD knowledge of every training image to a store")
     dump.add_argument("config", nargs="?", help="the distillation job's YAML (its data and resize; defaults when omitted)")
