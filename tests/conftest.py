@@ -1,8 +1,14 @@
 import os
+from pathlib import Path
 
 import pytest
+import yaml
 
 from unikd.config import ExperimentConfig, from_dict, to_dict
+
+# Small AKEs for the command-line tests (`unikd pretrain-ake ... *AKE_SET`).
+AKE_SET = ["--set", "ake.d_model=32", "--set", "ake.n_queries=10", "--set", "ake.n_heads=4",
+           "--set", "ake.n_points=2", "--set", "ake.d_ffn=64"]
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +38,26 @@ def tiny_config(root, family="retinanet", **train) -> ExperimentConfig:
                            rpn_pre_nms_top_n=100, rpn_post_nms_top_n=50, box_batch_size_per_image=64)
     values["train"].update({"epochs": 2, "warmup_iters": 2, "log_every": 1, "threads": 1, "device": "cpu", **train})
     return from_dict(values)
+
+
+def teacher_and_student(data, root: Path, family: str, teacher_iters: int) -> tuple[Path, Path]:
+    """A tiny ``family`` teacher trained ``teacher_iters`` iterations through the command line into
+    ``root/teacher``, and the RetinaNet student's YAML (one epoch): (the teacher's ``last.pt``, the YAML)."""
+    from unikd import cli
+
+    teacher_yaml, student_yaml = root / "teacher.yaml", root / "student.yaml"
+    teacher_yaml.write_text(yaml.safe_dump(to_dict(tiny_config(data, family, max_iters=teacher_iters))))
+    assert cli.main(["train", str(teacher_yaml), "--out", str(root / "teacher")]) == 0
+    student_yaml.write_text(yaml.safe_dump(to_dict(tiny_config(data, "retinanet", epochs=1))))
+    return root / "teacher" / "last.pt", student_yaml
+
+
+def pretrain_akes(student_yaml: Path, teacher: Path, out: Path, iters: int) -> None:
+    """Small AKEs (:data:`AKE_SET`) on ``teacher`` for ``iters`` iterations through the command line, into ``out``."""
+    from unikd import cli
+
+    assert cli.main(["pretrain-ake", str(student_yaml), "--teacher", str(teacher), "--out", str(out),
+                     "--max-iters", str(iters), *AKE_SET]) == 0
 
 
 def pytest_collection_modifyitems(config, items):

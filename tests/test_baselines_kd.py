@@ -7,16 +7,15 @@ import math
 
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from unikd import cli
-from unikd.config import DistillConfig, to_dict
+from unikd.config import DistillConfig
 from unikd.distill import FGD, METHODS, MGD, PKD, FitNet, Levels
 from unikd.distill.fgd import scale_masks
 from unikd.pyramid import Pyramid
 
-from conftest import tiny_config
+from conftest import teacher_and_student
 from test_distill import STUDENT_STRIDES, TEACHER_STRIDES, crop, random_pyramid
 
 SMALL = dict(adaptor_heads=2, adaptor_points=2)
@@ -253,21 +252,15 @@ def test_the_baselines_are_registered_with_the_papers_defaults():
 
 # --------------------------------------------------------------------------- the command line
 @pytest.fixture(scope="module")
-def teacher_and_student(tiny_digits, tmp_path_factory):
+def tiny_pair(tiny_digits, tmp_path_factory):
     """A tiny Faster R-CNN teacher (2 iterations) and the RetinaNet student's YAML."""
-    root = tmp_path_factory.mktemp("baselines")
-    teacher_yaml = root / "teacher.yaml"
-    teacher_yaml.write_text(yaml.safe_dump(to_dict(tiny_config(tiny_digits, "faster_rcnn", max_iters=2))))
-    assert cli.main(["train", str(teacher_yaml), "--out", str(root / "teacher")]) == 0
-    student_yaml = root / "student.yaml"
-    student_yaml.write_text(yaml.safe_dump(to_dict(tiny_config(tiny_digits, "retinanet", epochs=1))))
-    return root / "teacher" / "last.pt", student_yaml
+    return teacher_and_student(tiny_digits, tmp_path_factory.mktemp("baselines"), "faster_rcnn", teacher_iters=2)
 
 
 @pytest.mark.parametrize("method,names", [("fgd", ["loss_fgd_feature", "loss_fgd_attention", "loss_fgd_global"]),
                                           ("mgd", ["loss_mgd"]), ("pkd", ["loss_pkd"])])
-def test_distill_one_step_with_each_baseline(teacher_and_student, tmp_path, method, names):
-    teacher, student_yaml = teacher_and_student
+def test_distill_one_step_with_each_baseline(tiny_pair, tmp_path, method, names):
+    teacher, student_yaml = tiny_pair
     out = tmp_path / method
     assert cli.main(["distill", str(student_yaml), "--teacher", str(teacher), "--method", method,
                      "--out", str(out), "--max-iters", "1", "--set", "distill.adaptor_heads=4",

@@ -17,7 +17,7 @@ from unikd.pyramid import Pyramid
 from unikd.transformer import (DeformableDecoder, DeformableEncoder, HungarianMatcher, refine_boxes, set_loss,
                                sine_position_embedding, topk_detections)
 
-from conftest import tiny_config
+from conftest import AKE_SET, tiny_config
 from test_distill import batch, crop, random_pyramid  # batch: a landscape and a portrait image
 
 NUM_CLASSES = 3
@@ -208,8 +208,6 @@ def test_predict_gives_the_top_k_of_the_last_layer_in_each_images_pixels():
 
 DETR_SET = {"family": "deformable_detr", "fpn_channels": 32, "num_queries": 10, "encoder_layers": 1,
             "decoder_layers": 2, "attention_heads": 4, "attention_points": 2, "ffn_channels": 64}
-AKE_SET = ["--set", "ake.d_model=32", "--set", "ake.n_queries=10", "--set", "ake.n_heads=4",
-           "--set", "ake.n_points=2", "--set", "ake.d_ffn=64"]
 
 
 def write_config(path, root, model: dict) -> str:

@@ -14,7 +14,6 @@ import torch
 import yaml
 
 from unikd import cli, jobs
-from unikd.config import to_dict
 from unikd.data import CocoDetection, ImageResize, collate
 from unikd.distill import load_ake, teacher_fingerprint
 from unikd.distill.unikd import teacher_knowledge
@@ -24,10 +23,8 @@ from unikd.knowledge.manifest import expected_keys, field_specs
 from unikd.knowledge.shards import SHARDS, ShardWriter
 from unikd.transformer import HungarianMatcher
 
-from conftest import tiny_config
+from conftest import pretrain_akes, teacher_and_student, tiny_config
 
-AKE_SET = ["--set", "ake.d_model=32", "--set", "ake.n_queries=10", "--set", "ake.n_heads=4",
-           "--set", "ake.n_points=2", "--set", "ake.d_ffn=64"]
 SMALL_PHI = ["--set", "distill.adaptor_heads=4", "--set", "distill.adaptor_points=2"]
 
 
@@ -36,13 +33,8 @@ def offline(tiny_digits, tmp_path_factory):
     """A tiny RetinaNet teacher (1 iteration), its AKEs (1 iteration), the student YAML, and an fp32 store with 2
     draws of B̂ in shards of 3 records (8 images × 2 flips = 16 records)."""
     root = tmp_path_factory.mktemp("offline")
-    teacher_yaml = root / "teacher.yaml"
-    teacher_yaml.write_text(yaml.safe_dump(to_dict(tiny_config(tiny_digits, "retinanet", max_iters=1))))
-    assert cli.main(["train", str(teacher_yaml), "--out", str(root / "teacher")]) == 0
-    student_yaml = root / "student.yaml"
-    student_yaml.write_text(yaml.safe_dump(to_dict(tiny_config(tiny_digits, "retinanet", epochs=1))))
-    assert cli.main(["pretrain-ake", str(student_yaml), "--teacher", str(root / "teacher" / "last.pt"),
-                     "--out", str(root / "ake"), "--max-iters", "1", *AKE_SET]) == 0
+    teacher, student_yaml = teacher_and_student(tiny_digits, root, "retinanet", teacher_iters=1)
+    pretrain_akes(student_yaml, teacher, root / "ake", iters=1)
     paths = {"root": root, "yaml": student_yaml, "teacher": root / "teacher" / "last.pt",
              "ake": root / "ake" / "ake.safetensors", "fp32": root / "store32"}
     assert dump(paths, paths["fp32"], "--dtype", "float32", "--draws", "2", "--shard-records", "3") == 0

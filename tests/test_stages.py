@@ -12,23 +12,15 @@ from unikd import cli
 from unikd.config import to_dict
 from unikd.engine.checkpoint import load_checkpoint
 
-from conftest import tiny_config
-
-AKE_SET = ["--set", "ake.d_model=32", "--set", "ake.n_queries=10", "--set", "ake.n_heads=4",
-           "--set", "ake.n_points=2", "--set", "ake.d_ffn=64"]
+from conftest import pretrain_akes, teacher_and_student, tiny_config
 
 
 @pytest.fixture(scope="module")
 def stage_inputs(tiny_digits, tmp_path_factory):
     """A tiny Faster R-CNN teacher (2 iterations), its AKEs (2 iterations), and the student YAML."""
     root = tmp_path_factory.mktemp("stages")
-    teacher_yaml = root / "teacher.yaml"
-    teacher_yaml.write_text(yaml.safe_dump(to_dict(tiny_config(tiny_digits, "faster_rcnn", max_iters=2))))
-    assert cli.main(["train", str(teacher_yaml), "--out", str(root / "teacher")]) == 0
-    student_yaml = root / "student.yaml"
-    student_yaml.write_text(yaml.safe_dump(to_dict(tiny_config(tiny_digits, "retinanet", epochs=1))))
-    assert cli.main(["pretrain-ake", str(student_yaml), "--teacher", str(root / "teacher" / "last.pt"),
-                     "--out", str(root / "ake"), "--max-iters", "2", *AKE_SET]) == 0
+    teacher, student_yaml = teacher_and_student(tiny_digits, root, "faster_rcnn", teacher_iters=2)
+    pretrain_akes(student_yaml, teacher, root / "ake", iters=2)
     return root, student_yaml
 
 

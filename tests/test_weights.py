@@ -23,8 +23,7 @@ from unikd.detectors.weights import WeightsError, backbone_trunk, read_state_dic
 from unikd.detectors.zoo import zoo_config, zoo_detector, zoo_rows
 from unikd.jobs import load_detector
 
-from conftest import tiny_config
-from test_stages import AKE_SET
+from conftest import AKE_SET, tiny_config
 
 SIZE = 64
 # digits-det's categories "0" .. "9" (ids 1 .. 10) renamed: COCO indices 18, 1, 3, 6, 17, 7, 9, 16, 8, 2
