@@ -12,12 +12,17 @@ from . import config as C
 from .errors import UserError
 
 
-def add_common_training_flags(p: argparse.ArgumentParser) -> None:
-    """Flags every training command takes; each one is a shorthand for a ``--set`` override."""
-    p.add_argument("config", nargs="?", help="experiment YAML (defaults when omitted)")
+def add_config_flags(p: argparse.ArgumentParser, config_help: str = "experiment YAML (defaults when omitted)") -> None:
+    """The config file, its ``--set`` overrides and ``--data`` (a shorthand for ``--set data.root=...``)."""
+    p.add_argument("config", nargs="?", help=config_help)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=0.02 (repeatable)")
     p.add_argument("--data", help="dataset folder (data.root)")
+
+
+def add_common_training_flags(p: argparse.ArgumentParser) -> None:
+    """Flags every training command takes; each one is a shorthand for a ``--set`` override."""
+    add_config_flags(p)
     p.add_argument("--out", required=True, help="output folder (checkpoints, metrics.jsonl, eval.json)")
     p.add_argument("--epochs", type=int, help="train.epochs")
     p.add_argument("--max-iters", type=int, help="stop after N iterations (train.max_iters; smoke runs)")
@@ -91,10 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     dis.add_argument("--method", help="distill.method: unikd, fitnet, fgd, mgd, pkd or none (default: the config's)")
 
     dump = sub.add_parser("dump", help="offline: the teacher's UniKD knowledge of every training image to a store")
-    dump.add_argument("config", nargs="?", help="the distillation job's YAML (its data and resize; defaults when omitted)")
-    dump.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config value (repeatable)")
-    dump.add_argument("--data", help="dataset folder (data.root)")
+    add_config_flags(dump, "the distillation job's YAML (its data and resize; defaults when omitted)")
     dump.add_argument("--teacher", required=True, help="teacher checkpoint (from 'unikd train')")
     dump.add_argument("--ake", required=True, help="AKE file from 'unikd pretrain-ake' on that teacher")
     dump.add_argument("--out", required=True, metavar="STORE", help="the knowledge store folder (continued if it holds "
