@@ -116,9 +116,24 @@ class TrainConfig:
     eval_every: int = 0  # evaluate every k epochs (0 = only at the end)
     log_every: int = 20
     threads: int = 0  # torch intra-op threads per process (0 = torch's default)
+    # Parameter groups (unikd.engine.param_groups): {regex: factor}. A trainable parameter whose name (as the trained
+    # model names it: model.backbone.body.layer1.0.conv1.weight in a detector, student.model... and distiller... in a
+    # distillation job) matches a pattern (re.search) trains at lr x factor, or with weight_decay x factor. At most
+    # one pattern of each mapping may match a parameter, and every pattern must match one.
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    decay_mult: dict[str, float] = field(default_factory=dict)
+    no_decay_norms: bool = False  # no weight decay on the weights and biases of BatchNorm, GroupNorm, LayerNorm
     keep_checkpoints: int = 2  # older step checkpoints kept besides the newest (last.pt); 0 keeps only that one
     tensorboard: bool = False
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):
+        for key in ("lr_mult", "decay_mult"):
+            for pattern in getattr(self, key):
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ConfigError(f"train.{key}: {pattern!r} is not a regular expression ({err})") from None
 
 
 @dataclass
@@ -213,7 +228,8 @@ LIMITS: dict[str, tuple[Callable[[float], bool], str]] = {
     "train.weight_decay": _at_least(0), "train.warmup_iters": _at_least(0), "train.warmup_factor": _within(0, 1),
     "train.lr_steps": _within(0, 1), "train.lr_gamma": _above(0), "train.grad_clip": _at_least(0),
     "train.max_iters": _at_least(0), "train.eval_every": _at_least(0), "train.log_every": _at_least(1),
-    "train.threads": _at_least(0), "train.keep_checkpoints": _at_least(0),
+    "train.threads": _at_least(0), "train.keep_checkpoints": _at_least(0), "train.lr_mult": _above(0),
+    "train.decay_mult": _at_least(0),
     "ake.d_model": _at_least(1), "ake.n_queries": _at_least(1), "ake.n_heads": _at_least(1),
     "ake.n_points": _at_least(1), "ake.d_ffn": _at_least(1), "ake.extractor_layers": _at_least(1),
     "ake.alpha": _within(0, 1), "ake.beta": _within(0, 1),
@@ -227,13 +243,14 @@ LIMITS: dict[str, tuple[Callable[[float], bool], str]] = {
 
 
 def _check_range(key: str, value: Any) -> None:
-    """Raise a ConfigError naming ``key`` if ``value`` (or an item of it) is outside ``LIMITS[key]``."""
+    """Raise a ConfigError naming ``key`` if ``value`` (or an item or mapped value of it) is outside ``LIMITS[key]``."""
     if key not in LIMITS or value is None:
         return
     ok, allowed = LIMITS[key]
-    for i, v in enumerate(value) if isinstance(value, list) else [(None, value)]:
+    items = enumerate(value) if isinstance(value, list) else value.items() if isinstance(value, dict) else [(None, value)]
+    for i, v in items:
         if not (math.isfinite(v) and ok(v)):
-            where = key if i is None else f"{key}[{i}]"
+            where = key if i is None else f"{key}[{i!r}]"
             raise ConfigError(f"{where}: {v!r} is out of range (must be {allowed})")
 
 
@@ -262,6 +279,12 @@ def _check_value(key: str, hint: Any, value: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return [_check_value(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
+    if origin is dict:
+        key_hint, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {_check_value(f"{key} (a key)", key_hint, k): _check_value(f"{key}[{k!r}]", item, v)
+                for k, v in value.items()}
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")

@@ -30,10 +30,11 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import ConfigError, TrainConfig
+from ..config import TrainConfig
 from ..errors import DivergedError, ResumeError, UserError
 from . import distributed as D
 from .checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint, write_text
+from .param_groups import build_optimizer
 from .resume import check_resume
 from .progress import progress
 from .schedule import build_scheduler
@@ -89,7 +90,7 @@ class Trainer:
 
     Args:
         model: returns a loss dict (or ``(loss_dict, ...)``) from ``model(images, targets)``. Only parameters
-            with ``requires_grad`` are optimised.
+            with ``requires_grad`` are optimised, in the groups of :mod:`unikd.engine.param_groups`.
         dataset: yields ``(image, target)``; may have ``set_epoch(epoch)`` (deterministic augmentation).
         collate_fn: batches a list of samples into ``(images, targets)``.
         cfg: the schedule (:class:`~unikd.config.TrainConfig`).
@@ -114,15 +115,7 @@ class Trainer:
             self.wrapped = DistributedDataParallel(self.model, device_ids=ids)
         else:
             self.wrapped = self.model
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the model has no trainable parameters")
-        if cfg.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        elif cfg.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        else:
-            raise ConfigError(f"train.optimizer: unknown optimizer '{cfg.optimizer}' (choose sgd or adamw)")
+        self.optimizer = build_optimizer(self.model, cfg)
         self.iters_per_epoch = len(self._loader(0))
         if self.iters_per_epoch == 0:
             source = getattr(self.dataset, "ann_file", None)
@@ -257,6 +250,10 @@ class Trainer:
         self.scheduler.step()
         return {"loss": loss.detach(), **{k: v.detach() for k, v in losses.items()}}
 
+    def _base_lr(self) -> float:
+        """``train.lr`` under the schedule now (the rate of parameters without an ``lr_mult``)."""
+        return self.cfg.lr * self.scheduler.get_last_lr()[0] / self.scheduler.base_lrs[0]
+
     def _stop_early(self) -> bool:
         return 0 < self.cfg.max_iters <= self.state.step
 
@@ -287,9 +284,9 @@ class Trainer:
                 if logging_step:
                     values = {k: v.item() for k, v in losses.items()}
                     rate = seen * D.world_size() / (time.perf_counter() - tic)
-                    bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                    bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{self._base_lr():.2e}")
                     self._log({"step": st.step, "epoch": st.epoch + st.iter_in_epoch / self.iters_per_epoch,
-                               "lr": self.scheduler.get_last_lr()[0], "images_per_s": rate,
+                               "lr": self._base_lr(), "images_per_s": rate,
                                "train_seconds": st.train_seconds, **values})
                 if self._stop_early():
                     break
