@@ -15,12 +15,14 @@ import yaml
 
 from unikd import cli, jobs
 from unikd.data import CocoDetection, ImageResize, collate
-from unikd.distill import load_ake, teacher_fingerprint
+from unikd.distill import load_ake, measure_teacher_rms, teacher_fingerprint
 from unikd.distill.unikd import teacher_knowledge
 from unikd.errors import CorruptFileError
 from unikd.knowledge import KnowledgeStore, KnowledgeStoreError, StoredKnowledge, verify_store
-from unikd.knowledge.manifest import expected_keys, field_specs
+from unikd.knowledge.features import feature_fields, feature_records, stored_pyramid
+from unikd.knowledge.manifest import VERSION, expected_keys, field_specs
 from unikd.knowledge.shards import SHARDS, ShardWriter
+from unikd.pyramid import Pyramid
 from unikd.transformer import HungarianMatcher
 
 from conftest import pretrain_akes, teacher_and_student, tiny_config
@@ -111,7 +113,7 @@ def test_write_then_read_is_exact_in_fp32_and_fp16(tmp_path):
     for dtype in ("float32", "float16"):
         root = tmp_path / dtype
         fields = field_specs(4, 8, 2, dtype)
-        manifest = {"format": "unikd-knowledge-store", "version": 1, "fields": fields, "image_ids": [1, 2, 3],
+        manifest = {"format": "unikd-knowledge-store", "version": VERSION, "fields": fields, "image_ids": [1, 2, 3],
                     "variants": [{"hflip": False, "min_size": None}], "draws": 2}
         (root / SHARDS).mkdir(parents=True)
         (root / "manifest.json").write_text(json.dumps(manifest))
@@ -274,3 +276,164 @@ def test_under_torchrun_each_rank_writes_its_own_shards_and_the_records_are_the_
         a, b = both.record(*key), single.record(*key)
         assert torch.equal(a["pos/reference"], b["pos/reference"])
         torch.testing.assert_close(a["ct/z"], b["ct/z"], rtol=1e-5, atol=1e-5)
+
+
+# FitNet's teacher features in the same store format (issue 12, item 4)
+
+def fitnet_store(paths: dict, knowledge: str, *flags: str) -> Path:
+    """A store of FitNet's features of ``knowledge`` (fp32 unless ``flags`` say otherwise), dumped once per module."""
+    out = paths["root"] / f"{knowledge}{''.join(flags)}"
+    if not out.exists():
+        assert dump_features(paths, out, knowledge, "--dtype", "float32", *flags) == 0
+    return out
+
+
+def dump_features(paths: dict, out: Path, knowledge: str, *flags: str) -> int:
+    return cli.main(["dump", str(paths["yaml"]), "--teacher", str(paths["teacher"]), "--knowledge", knowledge,
+                     "--out", str(out), *flags])
+
+
+def cells_inside(boxes: torch.Tensor, rows: int, cols: int, stride: int) -> list[tuple[int, int]]:
+    """The cells (row-major) whose centre lies inside one of ``boxes`` (xyxy pixels), one by one."""
+    inside = []
+    for r in range(rows):
+        for c in range(cols):
+            x, y = (c + 0.5) * stride, (r + 0.5) * stride
+            if any(x0 <= x <= x1 and y0 <= y <= y1 for x0, y0, x1, y1 in boxes.tolist()):
+                inside.append((r, c))
+    return inside
+
+
+def test_feature_records_round_trip_exactly_with_their_own_sizes(tmp_path):
+    """Records of two images of different sizes (so different map sizes, and different foreground counts)
+    written and read back bit for bit, in fp32 and fp16; verify finds the stores whole."""
+    gen = torch.Generator().manual_seed(0)
+    strides, channels = [8, 16], [3, 5]
+    sizes = [(40, 64), (64, 24)]
+    pyramid = Pyramid([torch.randn(2, c, 64 // s, 64 // s, generator=gen) * 100 for c, s in zip(channels, strides)],
+                      strides, sizes)
+    targets = [{"image_id": 1, "boxes": torch.tensor([[4.0, 4.0, 30.0, 20.0]])},
+               {"image_id": 2, "boxes": torch.tensor([[0.0, 10.0, 24.0, 60.0], [2.0, 2.0, 9.0, 9.0]])}]
+    for knowledge in ("fitnet-full", "fitnet-foreground"):
+        for dtype in ("float32", "float16"):
+            root = tmp_path / f"{knowledge}-{dtype}"
+            fields = feature_fields(channels, knowledge, dtype)
+            manifest = {"format": "unikd-knowledge-store", "version": VERSION, "knowledge": knowledge,
+                        "fields": fields, "image_ids": [1, 2], "variants": [{"hflip": False, "min_size": None}],
+                        "draws": 1}
+            (root / SHARDS).mkdir(parents=True)
+            (root / "manifest.json").write_text(json.dumps(manifest))
+            records = feature_records(pyramid, targets, knowledge, getattr(torch, dtype))
+            assert records[0]["level0"].shape != records[1]["level0"].shape
+            writer = ShardWriter(root, rank=0, records_per_shard=1, fields=fields)
+            for target, size, record in zip(targets, sizes, records):
+                augmentation = {"image_id": target["image_id"], "hflip": False, "min_size": None,
+                                "image_size": list(size)}
+                writer.add(augmentation, record)
+            store = KnowledgeStore(root)
+            for target, record in zip(targets, records):
+                read = store.record(target["image_id"], False, None)
+                assert all(torch.equal(read[k], v) and read[k].dtype == v.dtype for k, v in record.items())
+            assert verify_store(root)[0] == []
+
+
+def test_foreground_store_holds_exactly_the_cells_inside_the_boxes(offline):
+    """Each foreground record is the teacher's features of the image alone at the cells whose centre lies in a box
+    (found cell by cell here), in row-major order; each full record is the whole map over the image's own cells."""
+    full = KnowledgeStore(fitnet_store(offline, "fitnet-full"))
+    foreground = KnowledgeStore(fitnet_store(offline, "fitnet-foreground"))
+    assert full.manifest["knowledge"] == "fitnet-full" and foreground.manifest["knowledge"] == "fitnet-foreground"
+    assert sorted(full.keys(), key=str) == sorted(expected_keys(full.manifest), key=str)
+    teacher, _ = jobs.load_detector(offline["teacher"])
+    assert full.manifest["fields"]["level0"] == {"dtype": "float32", "shape": [32, None, None]}
+    data = train_set(offline)
+    for index, flipped in [(1, False), (6, True)]:
+        image, target = data.load(index, flipped, 0)
+        with torch.no_grad():
+            pyramid = teacher.extract_features([image])
+        whole = full.record(target["image_id"], flipped, None, image_size=tuple(image.shape[-2:]))
+        cut = foreground.record(target["image_id"], flipped, None, image_size=tuple(image.shape[-2:]))
+        counted = 0
+        for level, (f, stride) in enumerate(zip(pyramid.levels, pyramid.strides)):
+            rows, cols = -(-image.shape[-2] // stride), -(-image.shape[-1] // stride)
+            torch.testing.assert_close(whole[f"level{level}"], f[0, :, :rows, :cols], rtol=1e-5, atol=1e-5)
+            inside = cells_inside(target["boxes"], rows, cols, stride)
+            expected = torch.stack([f[0, :, r, c] for r, c in inside], dim=1) if inside else f.new_zeros(32, 0)
+            assert cut[f"level{level}"].shape == (32, len(inside))
+            torch.testing.assert_close(cut[f"level{level}"], expected, rtol=1e-5, atol=1e-5)
+            counted += len(inside)
+        assert 0 < counted < sum(r.numel() for r in whole.values()) // 32
+
+
+def test_offline_fitnet_loads_no_teacher_and_gives_the_online_loss(offline, tmp_path, monkeypatch):
+    """Two offline FitNet iterations through the command line with the teacher unloadable; then, on a batch, the
+    offline FitNet loss of the trained student and φ from the full store and from the foreground store equals the
+    online one from the teacher's features of the same images. The stored scale is the one the online job
+    measures."""
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("offline stage 2 loaded a detector checkpoint")
+
+    out = tmp_path / "student"
+    with monkeypatch.context() as m:
+        m.setattr(jobs, "load_detector", no_teacher)
+        assert cli.main(["distill", str(offline["yaml"]), "--method", "fitnet", "--knowledge-store",
+                         str(fitnet_store(offline, "fitnet-foreground")), "--out", str(out), "--max-iters", "2",
+                         *SMALL_PHI]) == 0
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss_fitnet"] > 0
+
+    teacher, _ = jobs.load_detector(offline["teacher"])
+    cfg = tiny_config(yaml.safe_load(offline["yaml"].read_text())["data"]["root"], epochs=1)
+    cfg.distill.method, cfg.distill.adaptor_heads, cfg.distill.adaptor_points = "fitnet", 4, 2
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    losses = {}
+    for knowledge in ("fitnet-full", "fitnet-foreground"):
+        store = fitnet_store(offline, knowledge)
+        rms = KnowledgeStore(store).manifest["teacher_rms"]
+        assert torch.equal(torch.tensor(rms), measure_teacher_rms(teacher, train_set(offline), collate, batch_size=4))
+        student = jobs.build_detector(cfg.model, train_set(offline).num_classes)
+        model, _, data = jobs._offline_model(cfg, store, None, student, train_set(offline))
+        model.load_state_dict(ckpt["model"])
+        model.train()
+        images, targets = collate([data[i] for i in range(4)])
+        torch.manual_seed(0)
+        losses[knowledge] = model(images, targets)["loss_fitnet"]
+    plain = [{k: v for k, v in t.items() if k != "knowledge"} for t in targets]
+    torch.manual_seed(0)
+    _, student_features = model.student(images, plain)
+    with torch.no_grad():
+        teacher_features = teacher.extract_features(images)
+    online = model.distiller.loss(teacher_features, student_features, plain)["loss_fitnet"]
+    assert losses["fitnet-full"].item() == pytest.approx(online.item(), rel=1e-5)
+    assert losses["fitnet-foreground"].item() == pytest.approx(online.item(), rel=1e-5)
+
+
+def test_a_store_of_the_wrong_kind_or_variant_is_refused(offline, tmp_path, capsys):
+    """A UniKD store given to FitNet and a FitNet store given to UniKD are refused, naming both; a FitNet store
+    without the flipped images is refused as UniKD's is; a foreground record served with other boxes is refused."""
+    capsys.readouterr()
+    assert cli.main(["distill", str(offline["yaml"]), "--method", "fitnet", "--knowledge-store", str(offline["fp32"]),
+                     "--out", str(tmp_path / "a"), "--max-iters", "1"]) == 2
+    assert "holds unikd knowledge; method 'fitnet' cannot use it" in capsys.readouterr().err
+    assert cli.main(["distill", str(offline["yaml"]), "--method", "unikd", "--knowledge-store",
+                     str(fitnet_store(offline, "fitnet-full")), "--ake", str(offline["ake"]),
+                     "--out", str(tmp_path / "b"), "--max-iters", "1"]) == 2
+    assert "holds fitnet-full knowledge; method 'unikd' cannot use it" in capsys.readouterr().err
+    assert dump_features(offline, tmp_path / "c", "fitnet-full", "--ake", str(offline["ake"])) == 2
+    assert "takes no --ake" in capsys.readouterr().err
+
+    unflipped = tmp_path / "unflipped"
+    assert dump_features(offline, unflipped, "fitnet-foreground", "--set", "data.hflip=0") == 0
+    assert cli.main(["distill", str(offline["yaml"]), "--method", "fitnet", "--knowledge-store", str(unflipped),
+                     "--out", str(tmp_path / "d"), "--max-iters", "1"]) == 2
+    assert "has no records of images flipped" in capsys.readouterr().err
+
+    store = KnowledgeStore(unflipped)
+    data = train_set(offline, hflip=0)
+    image, target = data[0]
+    record = store.record(target["image_id"], False, None, image_size=tuple(image.shape[-2:]))
+    size = [tuple(image.shape[-2:])]
+    stored_pyramid([record], [target], size, store.manifest["teacher"]["strides"], "fitnet-foreground", "cpu")
+    moved = {**target, "boxes": target["boxes"] * 0.5}
+    with pytest.raises(KnowledgeStoreError, match="stored foreground of image .* cells on level"):
+        stored_pyramid([record], [moved], size, store.manifest["teacher"]["strides"], "fitnet-foreground", "cpu")

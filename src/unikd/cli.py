@@ -91,19 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
     source = dis.add_mutually_exclusive_group(required=True)
     source.add_argument("--teacher", help="teacher checkpoint (from 'unikd train')")
     source.add_argument("--knowledge-store", metavar="STORE",
-                        help="offline UniKD: the teacher's knowledge from 'unikd dump' (no teacher is loaded)")
+                        help="offline UniKD or FitNet: the teacher's side from 'unikd dump' (no teacher is loaded)")
     dis.add_argument("--ake", help="AKE file from 'unikd pretrain-ake' on that teacher (method unikd)")
     dis.add_argument("--method", help="distill.method: unikd, fitnet, fgd, mgd, pkd or none (default: the config's)")
 
-    dump = sub.add_parser("dump", help="offline: the teacher's UniKD knowledge of every training image to a store")
+    dump = sub.add_parser("dump", help="offline: the teacher's UniKD knowledge (or FitNet's features) of every "
+                          "training image to a store")
     add_config_flags(dump, "the distillation job's YAML (its data and resize; defaults when omitted)")
     dump.add_argument("--teacher", required=True, help="teacher checkpoint (from 'unikd train')")
-    dump.add_argument("--ake", required=True, help="AKE file from 'unikd pretrain-ake' on that teacher")
+    dump.add_argument("--knowledge", choices=["unikd", "fitnet-full", "fitnet-foreground"], default="unikd",
+                      help="what to store: UniKD's knowledge, or FitNet's teacher features (whole maps, or the "
+                      "cells inside the ground-truth boxes)")
+    dump.add_argument("--ake", help="AKE file from 'unikd pretrain-ake' on that teacher (--knowledge unikd)")
     dump.add_argument("--out", required=True, metavar="STORE", help="the knowledge store folder (continued if it holds "
                       "an unfinished dump of the same settings)")
     dump.add_argument("--dtype", choices=["float16", "float32"], default="float16",
                       help="of the stored embeddings (references are always float32)")
-    dump.add_argument("--draws", type=int, default=1, help="draws of B̂ stored per record; epoch e uses draw e mod K")
+    dump.add_argument("--draws", type=int, default=1,
+                      help="draws of B̂ stored per record (unikd); epoch e uses draw e mod K")
     dump.add_argument("--shard-records", type=int, default=256, help="records per shard file")
     dump.add_argument("--device", help="auto | cpu | cuda | cuda:N (train.device)")
     dump.add_argument("--seed", type=int, help="train.seed (seeds the draws of B̂)")
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             jobs.distill(cfg, args.teacher, args.out, args.ake, _resume_path(args), args.overwrite, args.knowledge_store)
         elif args.command == "dump":
             jobs.dump_knowledge(config_from_args(args), args.teacher, args.ake, args.out, args.dtype, args.draws,
-                                args.shard_records, args.overwrite)
+                                args.shard_records, args.overwrite, args.knowledge)
         elif args.command == "store":
             _verify_store(args.store)
         elif args.command == "import-teacher":

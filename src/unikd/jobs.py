@@ -5,6 +5,7 @@ import json
 import logging
 import random
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,11 @@ from .detectors.zoo import zoo_config, zoo_detector
 from .engine.trainer import Trainer, TrainState
 from .errors import OutputError, UserError
 from .evaluation import evaluate_detector
-from .knowledge import (KnowledgeStore, KnowledgeStoreError, OfflineDistillationModel, StoredKnowledge,
-                        check_store_fits, dump_manifest, dump_records, prepare_store, store_summary)
+from .knowledge import (KNOWLEDGE, REGIONS, KnowledgeStore, KnowledgeStoreError, OfflineDistillationModel,
+                        StoredKnowledge, ake_entry, check_store_fits, dump_manifest, dump_records, feature_fields,
+                        feature_records, prepare_store, store_summary, stored_pyramid, unikd_records, unikd_teacher)
+from .knowledge.manifest import DTYPES, field_specs
+from .transformer import HungarianMatcher
 
 log = logging.getLogger(__name__)
 
@@ -210,47 +214,79 @@ def _online_model(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, ake_p
 
 
 def _offline_model(cfg: C.ExperimentConfig, store_path: str | Path, ake_path, student, train_set):
-    """The model of stage 2 from a knowledge store, no teacher loaded. Returns ``(model, the store's teacher
-    fingerprint, the training set served with its stored knowledge)``."""
-    if cfg.distill.method != "unikd":
-        raise UserError(f"--knowledge-store holds UniKD's knowledge; method '{cfg.distill.method}' cannot use it "
-                        "(--method unikd)")
+    """The model of stage 2 from a knowledge store, no teacher loaded: UniKD from a UniKD store, FitNet from a
+    store of FitNet's features. Returns ``(model, the store's teacher fingerprint, the training set served with its
+    stored knowledge)``."""
     store = KnowledgeStore(store_path)
+    knowledge, method = store.manifest["knowledge"], cfg.distill.method
+    if KNOWLEDGE[knowledge] != method:
+        raise UserError(f"knowledge store {store_path} holds {knowledge} knowledge; method '{method}' cannot use it "
+                        f"(--method {KNOWLEDGE[knowledge]}, or dump a store for {method})")
     check_store_fits(store, train_set, ImageResize.from_config(cfg.data, train=False))
     fingerprint = store.manifest["teacher"]
-    akes, info = _akes_for("unikd", ake_path, fingerprint)
-    if info["tensors_sha256"] != store.manifest["ake"]["tensors_sha256"]:
-        raise KnowledgeStoreError(f"{ake_path} are not the AKEs knowledge store {store_path} was dumped with (their "
-                                  "tensors differ); use those, or dump the store again with these")
     teacher = Levels(fingerprint["strides"], fingerprint["channels"])
-    distiller = build_distiller("unikd", cfg.distill, student, teacher, akes=akes)
-    return OfflineDistillationModel(student, distiller), fingerprint, StoredKnowledge(train_set, store)
+    if method == "unikd":
+        akes, info = _akes_for("unikd", ake_path, fingerprint)
+        if info["tensors_sha256"] != store.manifest["ake"]["tensors_sha256"]:
+            raise KnowledgeStoreError(f"{ake_path} are not the AKEs knowledge store {store_path} was dumped with "
+                                      "(their tensors differ); use those, or dump the store again with these")
+        distiller = build_distiller("unikd", cfg.distill, student, teacher, akes=akes)
+        stored_teacher = unikd_teacher
+    else:
+        rms = torch.tensor(store.manifest["teacher_rms"], dtype=torch.float32)
+        distiller = build_distiller(method, cfg.distill, student, teacher, teacher_rms=rms)
+
+        def stored_teacher(records, targets, student_pyramid):
+            return stored_pyramid(records, targets, student_pyramid.image_sizes, teacher.strides, knowledge,
+                                  student_pyramid.levels[0].device)
+    return OfflineDistillationModel(student, distiller, stored_teacher), fingerprint, StoredKnowledge(train_set, store)
 
 
-def dump_knowledge(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, ake_path: str | Path, out: str | Path,
-                   dtype: str = "float16", draws: int = 1, records_per_shard: int = 256,
-                   overwrite: bool = False) -> dict:
-    """``unikd dump``: the teacher's side of UniKD's stage 2 for every training image under every augmentation
-    the job draws, into the knowledge store ``out`` (:mod:`unikd.knowledge`). A store of the same settings is
-    continued where it stopped; another one is replaced only with ``overwrite``. Under ``torchrun`` each rank
-    writes its own shards. Returns ``{"records", "expected", "shards", "bytes", "seconds"}``."""
+def dump_knowledge(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, ake_path: str | Path | None,
+                   out: str | Path, dtype: str = "float16", draws: int = 1, records_per_shard: int = 256,
+                   overwrite: bool = False, knowledge: str = "unikd") -> dict:
+    """``unikd dump``: the teacher's side of stage 2 for every training image under every augmentation the job
+    draws, into the knowledge store ``out`` (:mod:`unikd.knowledge`): UniKD's knowledge (``knowledge="unikd"``,
+    with the AKEs of ``ake_path``) or FitNet's teacher features (``fitnet-full``: whole maps, ``fitnet-foreground``:
+    the cells inside the boxes). A store of the same settings is continued where it stopped; another one is
+    replaced only with ``overwrite``. Under ``torchrun`` each rank writes its own shards. Returns
+    ``{"records", "expected", "shards", "bytes", "seconds"}``."""
+    if knowledge not in KNOWLEDGE:
+        raise UserError(f"--knowledge {knowledge}: choose {', '.join(KNOWLEDGE)}")
+    if knowledge != "unikd" and (ake_path is not None or draws != 1):
+        raise UserError(f"--knowledge {knowledge} stores the teacher's features: it takes no --ake and no --draws")
+    if knowledge == "unikd" and ake_path is None:
+        raise UserError("--knowledge unikd needs --ake (the output of 'unikd pretrain-ake' on that teacher)")
     device, train_set, _ = _prepare(cfg)
     teacher, tcfg, _ = _load_teacher(teacher_checkpoint, cfg, train_set, device)
     fingerprint = teacher_fingerprint(teacher, tcfg.model)
-    akes, info = load_ake(ake_path, fingerprint)
-    manifest = dump_manifest(fingerprint, info, train_set, ImageResize.from_config(cfg.data, train=False),
-                             cfg.train.seed, draws, dtype)
+    if knowledge == "unikd":
+        akes, info = load_ake(ake_path, fingerprint)
+        entries = {"ake": ake_entry(info),
+                   "fields": field_specs(info["ake"]["n_queries"], info["ake"]["d_model"], draws, dtype)}
+    else:
+        entries = {"teacher_rms": _teacher_rms(teacher, train_set, cfg, device).tolist(),
+                   "fields": feature_fields(teacher.feature_channels, knowledge, dtype)}
+    manifest = dump_manifest(knowledge, fingerprint, train_set, ImageResize.from_config(cfg.data, train=False),
+                             cfg.train.seed, draws, dtype, **entries)
     out = Path(out)
     prepare_store(out, manifest, overwrite)
+    if knowledge == "unikd":
+        make_records = partial(unikd_records, akes=akes.to(device).eval(), seed=cfg.train.seed, draws=draws,
+                               dtype=DTYPES[dtype], matcher=HungarianMatcher())
+    else:
+        make_records = partial(feature_records, knowledge=knowledge, dtype=DTYPES[dtype])
     tic = time.perf_counter()
-    dump_records(teacher, akes, train_set, out, manifest, device, cfg.data.batch_size, cfg.data.workers,
+    dump_records(teacher, make_records, train_set, out, manifest, device, cfg.data.batch_size, cfg.data.workers,
                  records_per_shard)
     D.barrier()
     summary = {**store_summary(out), "seconds": time.perf_counter() - tic}
     if D.is_main():
-        print(f"knowledge store {out}: {summary['records']} of {summary['expected']} records in {summary['shards']} "
-              f"shards, {summary['bytes'] / 2**20:.1f} MiB ({summary['bytes'] / max(summary['records'], 1) / 1024:.1f}"
-              f" KiB per record, {manifest['dtype']}, {draws} draw(s) of B̂)")
+        what = f"{draws} draw(s) of B̂" if knowledge == "unikd" else f"{REGIONS[knowledge]} feature maps"
+        print(f"knowledge store {out} ({knowledge}): {summary['records']} of {summary['expected']} records in "
+              f"{summary['shards']} shards, {summary['bytes'] / 2**20:.1f} MiB "
+              f"({summary['bytes'] / max(summary['records'], 1) / 1024:.1f} KiB per record, {manifest['dtype']}, "
+              f"{what})")
     return summary
 
 

@@ -1,4 +1,4 @@
-"""``unikd dump``: the teacher and the frozen AKEs over the training set, every record written once.
+"""``unikd dump``: the teacher (and, for UniKD, the frozen AKEs) over the training set, every record written once.
 
 The work is every training image under every augmentation variant the training can draw (both flips when
 ``data.hflip > 0``, every shorter side of ``data.min_size``), in dataset order, less the records already
@@ -6,8 +6,10 @@ committed; under ``torchrun`` rank ``r`` takes every ``world``-th of what is lef
 killed dump is restarted with the same command: the uncommitted shard files are removed and the work that is
 left is done, so every record ends up in the store exactly once.
 
-``B̂`` is drawn per record from a generator seeded by ``(train.seed, image id, flip, shorter side, draw)``,
-independent of the batch, the rank and the restart: the same store comes out of any run.
+A record is UniKD's knowledge (:func:`unikd_records`) or FitNet's teacher features
+(:func:`unikd.knowledge.features.feature_records`): the loop is the same. ``B̂`` is drawn per record from a
+generator seeded by ``(train.seed, image id, flip, shorter side, draw)``, independent of the batch, the rank and
+the restart: the same store comes out of any run.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from unikd.distill.unikd import TeacherKnowledge, teacher_knowledge
 from unikd.engine import distributed as D
 from unikd.engine.progress import progress
 from unikd.errors import OutputError
+from unikd.pyramid import Pyramid
 from unikd.transformer import HungarianMatcher
 
 from .manifest import (KINDS, MANIFEST, KnowledgeStoreError, expected_keys, manifest_differences, new_manifest,
@@ -66,14 +69,16 @@ class VariantSet(Dataset):
         return image, {**target, "min_size": min_size_of(self.dataset, choice)}
 
 
-def dump_manifest(teacher: dict, ake_info: dict, dataset: CocoDetection, eval_resize: ImageResize, seed: int,
-                  draws: int, dtype: str) -> dict:
-    """The manifest of a dump of ``dataset`` (every variant it draws) with the teacher of fingerprint ``teacher``
-    and the AKEs ``ake_info`` describes (what ``load_ake`` returns)."""
-    return new_manifest(teacher=teacher, ake_info=ake_info, categories=dataset_categories(dataset),
+def dump_manifest(knowledge: str, teacher: dict, dataset: CocoDetection, eval_resize: ImageResize, seed: int,
+                  draws: int, dtype: str, fields: dict[str, dict], **entries) -> dict:
+    """The manifest of a dump of ``knowledge`` over ``dataset`` (every variant it draws) with the teacher of
+    fingerprint ``teacher``; ``fields`` and ``entries`` those of the kind
+    (:func:`unikd.knowledge.manifest.new_manifest`)."""
+    return new_manifest(knowledge=knowledge, teacher=teacher, categories=dataset_categories(dataset),
                         image_ids=dataset.image_ids,
                         variants=[(flip, min_size_of(dataset, choice)) for flip, choice in variants(dataset)],
-                        eval_resize=resize_spec(eval_resize), seed=seed, draws=draws, dtype=dtype)
+                        eval_resize=resize_spec(eval_resize), seed=seed, draws=draws, dtype=dtype, fields=fields,
+                        **entries)
 
 
 def store_summary(root: Path) -> dict:
@@ -138,9 +143,23 @@ def record_fields(content: TeacherKnowledge, positional: list[TeacherKnowledge],
 
 
 @torch.no_grad()
-def dump_records(teacher, akes: KnowledgeExtractors, dataset: CocoDetection, root: Path, manifest: dict,
-                 device: torch.device, batch_size: int, workers: int, records_per_shard: int) -> int:
-    """Write this rank's share of the records the store still lacks; return how many it wrote."""
+def unikd_records(pyramid: Pyramid, targets: list[dict], akes: KnowledgeExtractors, seed: int, draws: int,
+                  dtype: torch.dtype, matcher: HungarianMatcher) -> list[dict[str, Tensor]]:
+    """The UniKD records of a batch (:func:`record_fields`), from the teacher pyramid with the frozen ``akes``
+    and ``draws`` seeded draws of ``B̂``; targets carry ``"min_size"`` (:class:`VariantSet`)."""
+    b_hats = [seeded_b_hat(targets, pyramid.image_sizes, akes, seed, d) for d in range(draws)]
+    first = teacher_knowledge(akes, pyramid, targets, KINDS, matcher, b_hats[0])
+    positional = [first["pos"], *(teacher_knowledge(akes, pyramid, targets, ("pos",), matcher, b)["pos"]
+                                  for b in b_hats[1:])]
+    return [record_fields(first["ct"], positional, [g for _, g in b_hats], i, dtype) for i in range(len(targets))]
+
+
+@torch.no_grad()
+def dump_records(teacher, make_records, dataset: CocoDetection, root: Path, manifest: dict, device: torch.device,
+                 batch_size: int, workers: int, records_per_shard: int) -> int:
+    """Write this rank's share of the records the store still lacks; return how many it wrote.
+    ``make_records(pyramid, targets)``: the records of a batch from the teacher's pyramid, one field dict per
+    image (:func:`unikd_records`, :func:`unikd.knowledge.features.feature_records`)."""
     done = {variant_key(r["image_id"], r["hflip"], r["min_size"]) for index in read_indexes(root)
             for r in index["records"]}
     items = [(index, flip, choice) for index, image_id in enumerate(dataset.image_ids)
@@ -148,21 +167,15 @@ def dump_records(teacher, akes: KnowledgeExtractors, dataset: CocoDetection, roo
              if variant_key(image_id, flip, min_size_of(dataset, choice)) not in done]
     items = items[D.rank()::D.world_size()]
     writer = ShardWriter(root, D.rank(), records_per_shard, manifest["fields"])
-    dtype, draws, matcher = getattr(torch, manifest["dtype"]), manifest["draws"], HungarianMatcher()
     teacher.eval()
-    akes.to(device).eval()
     loader = DataLoader(VariantSet(dataset, items), batch_size=batch_size, collate_fn=collate, num_workers=workers)
     for images, targets in progress(loader, desc="dump", unit="batch"):
         images = [image.to(device) for image in images]
         targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-        pyramid = teacher.extract_features(images)
-        b_hats = [seeded_b_hat(targets, pyramid.image_sizes, akes, manifest["seed"], d) for d in range(draws)]
-        first = teacher_knowledge(akes, pyramid, targets, KINDS, matcher, b_hats[0])
-        positional = [first["pos"], *(teacher_knowledge(akes, pyramid, targets, ("pos",), matcher, b)["pos"]
-                                      for b in b_hats[1:])]
-        for i, (image, target) in enumerate(zip(images, targets)):
+        records = make_records(teacher.extract_features(images), targets)
+        for image, target, fields in zip(images, targets, records):
             augmentation = {"image_id": target["image_id"], "hflip": target["flipped"],
                             "min_size": target["min_size"], "image_size": list(image.shape[-2:])}
-            writer.add(augmentation, record_fields(first["ct"], positional, [g for _, g in b_hats], i, dtype))
+            writer.add(augmentation, fields)
     writer.flush()
     return len(items)

@@ -1,12 +1,15 @@
 """A knowledge store's manifest (``STORE/manifest.json``): what the store holds and what it was made from.
 
-It records the teacher's fingerprint and the AKEs' identity (the checksum of their tensors and their config),
-the training data (image ids, categories, resize rule) and the augmentation variants dumped for every image,
-the number of ``B̂`` draws, the dtype, and the name, dtype and shape of every field of a record. It is written
+It records what kind of knowledge the records hold (``"knowledge"``: ``unikd``, or FitNet's teacher features,
+``fitnet-full`` / ``fitnet-foreground``, :mod:`unikd.knowledge.features`), the teacher's fingerprint, the
+training data (image ids, categories, resize rule) and the augmentation variants dumped for every image, the
+number of ``B̂`` draws, the dtype, and the name, dtype and shape of every field of a record, with the entries of
+its kind: the AKEs' identity (the checksum of their tensors and their config) for UniKD, the teacher's per-level
+scale for FitNet. It is written
 once, when a dump starts; the shards' own indexes (:mod:`unikd.knowledge.shards`) record each record's
 augmentation and each shard's SHA-256.
 
-A record is the teacher's side of stage 2 for one image under one augmentation (``docs/offline.md``):
+A UniKD record is the teacher's side of stage 2 for one image under one augmentation (``docs/offline.md``):
 
 ====================  ===========  ===================
 field                 dtype        shape
@@ -33,10 +36,11 @@ import torch
 from unikd.errors import CorruptFileError, UserError
 
 FORMAT = "unikd-knowledge-store"
-VERSION = 1
+VERSION = 2  # 2: the "knowledge" entry (UniKD or FitNet's features)
 MANIFEST = "manifest.json"
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 KINDS = ("ct", "pos")
+KNOWLEDGE = {"unikd": "unikd", "fitnet-full": "fitnet", "fitnet-foreground": "fitnet"}  # -> the method it serves
 
 
 class KnowledgeStoreError(UserError, ValueError):
@@ -44,7 +48,7 @@ class KnowledgeStoreError(UserError, ValueError):
 
 
 def field_specs(n_queries: int, d_model: int, draws: int, dtype: str) -> dict[str, dict]:
-    """``{field: {"dtype": name, "shape": [...]}}`` of one record (the table above)."""
+    """``{field: {"dtype": name, "shape": [...]}}`` of one UniKD record (the table above)."""
     n, c, k = n_queries, d_model, draws
     return {
         "ct/q": {"dtype": dtype, "shape": [n, c]},
@@ -58,23 +62,31 @@ def field_specs(n_queries: int, d_model: int, draws: int, dtype: str) -> dict[st
     }
 
 
-def new_manifest(*, teacher: dict, ake_info: dict, categories: list[dict], image_ids: list[int],
-                 variants: list[tuple[bool, int | None]], eval_resize: dict, seed: int, draws: int, dtype: str) -> dict:
-    """The manifest of a new store. ``teacher``: its fingerprint; ``ake_info``: what ``load_ake`` returns;
+def new_manifest(*, knowledge: str, teacher: dict, categories: list[dict], image_ids: list[int],
+                 variants: list[tuple[bool, int | None]], eval_resize: dict, seed: int, draws: int, dtype: str,
+                 fields: dict[str, dict], **entries) -> dict:
+    """The manifest of a new store of ``knowledge`` (a key of :data:`KNOWLEDGE`). ``teacher``: its fingerprint;
     ``variants``: ``(hflip, min_size)`` of every augmentation dumped; ``eval_resize``: the job's evaluation
-    resize rule (``max_size``, ``min_sizes``)."""
+    resize rule (``max_size``, ``min_sizes``); ``fields``: the field specs of a record (a ``null`` in a shape: a
+    size that differs from record to record); ``entries``: those of the kind (``ake``, ``teacher_rms``)."""
+    if knowledge not in KNOWLEDGE:
+        raise KnowledgeStoreError(f"knowledge '{knowledge}' is not one of {', '.join(KNOWLEDGE)}")
     if dtype not in DTYPES:
         raise KnowledgeStoreError(f"store dtype '{dtype}' is not one of {', '.join(DTYPES)}")
     if draws < 1:
         raise KnowledgeStoreError(f"the number of B̂ draws per record must be at least 1, got {draws}")
-    ake = ake_info["ake"]
     return {
-        "format": FORMAT, "version": VERSION, "teacher": teacher,
-        "ake": {"tensors_sha256": ake_info["tensors_sha256"], "config": ake},
+        "format": FORMAT, "version": VERSION, "knowledge": knowledge, "teacher": teacher, **entries,
         "categories": categories, "eval_resize": eval_resize,
         "variants": [{"hflip": h, "min_size": m} for h, m in variants], "seed": seed, "draws": draws,
-        "dtype": dtype, "fields": field_specs(ake["n_queries"], ake["d_model"], draws, dtype), "image_ids": image_ids,
+        "dtype": dtype, "fields": fields, "image_ids": image_ids,
     }
+
+
+def ake_entry(ake_info: dict) -> dict:
+    """The manifest's ``ake`` entry of a UniKD store, from what ``load_ake`` returns: the checksum of the AKEs'
+    tensors and their config."""
+    return {"tensors_sha256": ake_info["tensors_sha256"], "config": ake_info["ake"]}
 
 
 def variant_key(image_id: int, hflip: bool, min_size: int | None) -> tuple[int, bool, int | None]:

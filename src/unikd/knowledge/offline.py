@@ -7,6 +7,8 @@ size; anything else is refused (:meth:`unikd.knowledge.store.KnowledgeStore.reco
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
@@ -16,6 +18,7 @@ from unikd.data import CocoDetection, ImageResize
 from unikd.detectors import DetectorAdapter
 from unikd.distill import Distiller, TeacherKnowledge
 from unikd.distill.ake import Queries
+from unikd.pyramid import Pyramid
 
 from .dump import min_size_of, resize_spec, variants
 from .manifest import KnowledgeStoreError
@@ -88,21 +91,32 @@ def batch_knowledge(records: list[dict[str, Tensor]], device: torch.device) -> d
     }
 
 
+def unikd_teacher(records: list[dict[str, Tensor]], targets: list[dict],
+                  student: Pyramid) -> dict[str, TeacherKnowledge]:
+    """What UniKD's loss takes from the teacher, out of a batch's records (:func:`batch_knowledge`)."""
+    return batch_knowledge(records, student.levels[0].device)
+
+
 class OfflineDistillationModel(nn.Module):
     """``forward(images, targets)`` = the student's detection losses + the distiller's losses from the knowledge
-    in the targets (:class:`StoredKnowledge`); no teacher. ``predict`` is the student's."""
+    in the targets (:class:`StoredKnowledge`); no teacher. ``predict`` is the student's.
 
-    def __init__(self, student: DetectorAdapter, distiller: Distiller):
+    ``stored_teacher(records, targets, student_pyramid)``: what the distiller's loss takes in place of the
+    teacher's features, out of the batch's records (:func:`unikd_teacher`; FitNet's:
+    :func:`unikd.knowledge.features.stored_pyramid`)."""
+
+    def __init__(self, student: DetectorAdapter, distiller: Distiller,
+                 stored_teacher: Callable[[list[dict[str, Tensor]], list[dict], Pyramid], object]):
         super().__init__()
-        self.student, self.distiller = student, distiller
+        self.student, self.distiller, self.stored_teacher = student, distiller, stored_teacher
 
     def forward(self, images: list[Tensor], targets: list[dict]) -> dict[str, Tensor]:
         if any(KNOWLEDGE not in t for t in targets):
             raise ValueError("offline distillation needs each target's stored knowledge (a StoredKnowledge dataset)")
         plain = [{k: v for k, v in t.items() if k != KNOWLEDGE} for t in targets]
         losses, student_features = self.student(images, plain)
-        knowledge = batch_knowledge([t[KNOWLEDGE] for t in targets], student_features.levels[0].device)
-        losses.update(self.distiller.loss(knowledge, student_features, plain))
+        teacher = self.stored_teacher([t[KNOWLEDGE] for t in targets], plain, student_features)
+        losses.update(self.distiller.loss(teacher, student_features, plain))
         return losses
 
     def predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:

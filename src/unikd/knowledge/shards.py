@@ -109,12 +109,14 @@ class ShardWriter:
 
 
 def field_problems(fields: dict, tensors: dict[str, Tensor]) -> list[str]:
-    """What differs between a record's ``tensors`` and the manifest's ``fields`` (names, dtypes, shapes)."""
+    """What differs between a record's ``tensors`` and the manifest's ``fields`` (names, dtypes, shapes; a
+    ``None`` in a spec's shape matches any size)."""
     problems = [f"field {f} missing" for f in sorted(fields.keys() - tensors.keys())]
     problems += [f"unexpected field {f}" for f in sorted(tensors.keys() - fields.keys())]
     for field in sorted(fields.keys() & tensors.keys()):
         t, spec = tensors[field], fields[field]
-        if str(t.dtype).removeprefix("torch.") != spec["dtype"] or list(t.shape) != spec["shape"]:
+        fits = t.ndim == len(spec["shape"]) and all(s is None or s == n for s, n in zip(spec["shape"], t.shape))
+        if str(t.dtype).removeprefix("torch.") != spec["dtype"] or not fits:
             problems.append(f"{field} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}, the manifest says "
                             f"{spec['dtype']} {spec['shape']}")
     return problems
