@@ -1,5 +1,6 @@
 """The trainer's parameter groups (train.lr_mult, train.decay_mult, train.no_decay_norms): which parameters each
 group holds, the rate and decay a step really applies, and resumption."""
+import json
 from collections import OrderedDict
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from unikd.detectors import build_detector
 from unikd.distill import DistillationModel, build_distiller
 from unikd.engine.checkpoint import load_checkpoint, save_atomic
 from unikd.engine.param_groups import param_groups
+from unikd.engine.schedule import lr_factor
 from unikd.engine.trainer import Trainer
 from unikd.errors import ResumeError
 from unikd.transformer.msda import MSDeformAttn
@@ -152,11 +154,11 @@ def test_convnext_and_swin_teachers_exempt_norms_and_their_papers_parameters_fro
     assert any("body" in n for n in exempt) and any("head" in n for n in exempt)  # the trunk's norms, the head's GN
 
 
-GROUPS = dict(lr_mult={r"\.head\.": 0.5}, decay_mult={r"\.fpn\.": 0.0}, no_decay_norms=True)
+GROUPS = dict(lr_mult={r"\.body\.": 0.5}, decay_mult={r"\.fpn\.": 0.0}, no_decay_norms=True)
 
 
 def expected_factors(name: str, shape_norms: set[str]) -> tuple[float, float]:
-    return (0.5 if ".head." in name else 1.0), (0.0 if ".fpn." in name or name in shape_norms else 1.0)
+    return (0.5 if ".body." in name else 1.0), (0.0 if ".fpn." in name or name in shape_norms else 1.0)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
@@ -174,12 +176,18 @@ def test_one_step_applies_each_parameters_rate_and_decay(tiny_digits, tmp_path, 
     trainer = Trainer(detector, train_set, collate, cfg.train, batch_size=4, out_dir=tmp_path)
     trainer.fit()
     norms = norm_params_by_shape(detector)
-    assert norms and any(".head." in n for n in before) and any(".fpn." in n for n in before)
+    assert norms and any(".body." in n for n in before) and any(".fpn." in n for n in before)
     for name, p in detector.named_parameters():
         lr_mult, decay_mult = expected_factors(name, norms)
         p0, g, a, d = before[name], p.grad, lr * lr_mult, wd * decay_mult
         expected = p0 * (1 - a * d) - a * g / (g.abs() + 1e-8) if optimizer == "adamw" else p0 - a * (g + d * p0)
         torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-7, msg=name)
+    # The logged rate is train.lr under the schedule, though the first group (the trunk's) runs at half of it.
+    assert trainer.optimizer.param_groups[0]["lr_mult"] == 0.5
+    (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    c = cfg.train
+    assert record["lr"] == pytest.approx(lr * lr_factor(1, trainer.total_iters, 0, c.warmup_factor, c.lr_steps,
+                                                        c.lr_gamma)) == pytest.approx(lr * 0.1)
 
 
 def make(cfg, out):
@@ -207,8 +215,8 @@ def test_resume_keeps_the_groups(tiny_digits, tmp_path):
     for k, v in straight.model.state_dict().items():
         assert torch.equal(v, resumed.model.state_dict()[k]), k
     other = tiny_config(tiny_digits, epochs=2, lr_steps=[0.5], optimizer="adamw", weight_decay=0.1,
-                        **{**GROUPS, "lr_mult": {r"\.head\.": 0.25}})
-    with pytest.raises(ResumeError, match=r"train.lr_mult.\\.head\\.: 0.5 -> 0.25"):
+                        **{**GROUPS, "lr_mult": {r"\.body\.": 0.25}})
+    with pytest.raises(ResumeError, match=r"train.lr_mult.\\.body\\.: 0.5 -> 0.25"):
         make(other, tmp_path / "split").resume(tmp_path / "split" / "last.pt")
 
 
