@@ -1,8 +1,9 @@
-"""Distil each family's R50 teacher into the R18 RetinaNet student: the student alone, FitNet and UniKD, per seed.
+"""Distil each family's R50 teacher into an R18 student (RetinaNet by default): the student alone, FitNet and
+UniKD, per seed.
 
-    python benchmarks/distillation.py [--seeds 0 1] [--families F ...] [--runs runs/distill] [--teachers runs/baselines]
-        [--jobs 2]
-    python benchmarks/distillation.py --table-only     # rebuild the docs table from the committed JSONs
+    python benchmarks/distillation.py [--seeds 0 1] [--families F ...] [--student FAMILY] [--runs runs/distill]
+        [--teachers runs/baselines] [--jobs 2]
+    python benchmarks/distillation.py [--student FAMILY] --table-only     # rebuild the docs table from the JSONs
 
 Needs the finished teachers of ``benchmarks/baselines.py`` (``TEACHERS/FAMILY_r50_teacher/last.pt`` beside its
 ``eval.json``; with ``--wait-teachers``, a teacher's stage 1 waits for one still in training). Jobs, each resumable
@@ -10,13 +11,16 @@ Needs the finished teachers of ``benchmarks/baselines.py`` (``TEACHERS/FAMILY_r5
 
 - stage 1 per teacher (one set of AKEs per teacher, shared by the seeds): ``unikd pretrain-ake
   configs/digits/ake.yaml --teacher T`` → ``RUNS/ake_FAMILY``;
-- the student alone per seed: ``unikd distill configs/digits/distill_retinanet_r18.yaml --method none --seed S``
+- the student alone per seed: ``unikd distill configs/digits/distill_STUDENT_r18.yaml --method none --seed S``
   (the teacher is loaded but never run) → ``RUNS/none_sS``;
 - stage 2 per teacher, method and seed: ``unikd distill ... --teacher T [--ake ...] --method M --seed S``
   → ``RUNS/FAMILY_METHOD_sS``.
 
 Each finished run's metrics go to ``benchmarks/results/distillation/NAME.json`` (small, committed), and the
-table in docs/results.md is built from those files only, so it survives a change of machine. ``--jobs`` run
+table in docs/results.md is built from those files only, so it survives a change of machine. A student other
+than RetinaNet (``--student``) has its stage-2 runs in ``RUNS/STUDENT/``, its JSONs in
+``benchmarks/results/distillation/STUDENT/`` and a table of its own; the AKEs (``RUNS/ake_FAMILY``) depend on the
+teacher alone and serve every student. ``--jobs`` run
 side by side, each with ``--threads`` (default ``cores / jobs``) torch threads; a UniKD run waits for its AKEs.
 """
 from __future__ import annotations
@@ -35,11 +39,25 @@ from doc_sections import replace_section
 from runner import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("faster_rcnn", "fcos", "retinanet")  # the slowest teacher first
+# Teachers, the slowest first; the first three are the RetinaNet student's default.
+FAMILIES = ("faster_rcnn", "fcos", "retinanet", "deformable_detr", "reppoints", "atss")
 METHODS = ("fitnet", "unikd")
-AKE_CONFIG = ROOT / "configs" / "digits" / "ake.yaml"
-STUDENT_CONFIG = ROOT / "configs" / "digits" / "distill_retinanet_r18.yaml"
+DIGITS = ROOT / "configs" / "digits"
+AKE_CONFIG = DIGITS / "ake.yaml"
+STUDENTS = sorted(p.stem[len("distill_"):-len("_r18")] for p in DIGITS.glob("distill_*_r18.yaml"))
+TITLES = {"retinanet": "RetinaNet", "deformable_detr": "Deformable DETR", "atss": "ATSS", "fcos": "FCOS",
+          "faster_rcnn": "Faster R-CNN", "reppoints": "RepPoints"}
 RESULTS = ROOT / "benchmarks" / "results" / "distillation"
+
+
+def student_config(student: str) -> Path:
+    return DIGITS / f"distill_{student}_r18.yaml"
+
+
+def student_folder(folder: Path, student: str) -> Path:
+    """Where a student's stage-2 runs or JSONs go under ``folder``: the RetinaNet student's stay where they always
+    were, the others' in a subfolder named after the student."""
+    return folder if student == "retinanet" else folder / student
 
 
 def teacher_checkpoint(teachers: Path, family: str) -> Path:
@@ -61,6 +79,7 @@ def schedule(args, threads: int) -> None:
     """Stage 1 for every teacher first, then per seed the student alone and the FitNet runs (no AKE needed),
     then the UniKD runs."""
     data = ["--data", str(args.data)]
+    runs, results = student_folder(args.runs, args.student), student_folder(args.results, args.student)
     with ThreadPoolExecutor(args.jobs) as pool:
         akes: dict[str, Future] = {}
 
@@ -68,21 +87,21 @@ def schedule(args, threads: int) -> None:
             teacher = teacher_checkpoint(args.teachers, fam).parent
             while not (teacher / "eval.json").exists():  # only with --wait-teachers: still in training
                 time.sleep(30)
-            record(args.results, teacher, f"teacher_{fam}")
+            record(results, teacher, f"teacher_{fam}")
             out = args.runs / f"ake_{fam}"
             run_job(["pretrain-ake", str(AKE_CONFIG), "--teacher", str(teacher_checkpoint(args.teachers, fam)),
                      *data], out, "report.json", threads)
-            record(args.results, out, f"ake_{fam}")
+            record(results, out, f"ake_{fam}")
 
         def stage2(fam: str, method: str, seed: int) -> None:
-            cmd = ["distill", str(STUDENT_CONFIG), "--teacher", str(teacher_checkpoint(args.teachers, fam)),
-                   "--method", method, "--seed", str(seed), *data]
+            cmd = ["distill", str(student_config(args.student)), "--teacher",
+                   str(teacher_checkpoint(args.teachers, fam)), "--method", method, "--seed", str(seed), *data]
             if method == "unikd":
                 akes[fam].result()
                 cmd += ["--ake", str(args.runs / f"ake_{fam}" / "ake.safetensors")]
             name = f"none_s{seed}" if method == "none" else f"{fam}_{method}_s{seed}"
-            run_job(cmd, args.runs / name, "eval.json", threads)
-            record(args.results, args.runs / name, name, {"teacher": fam, "method": method, "seed": seed})
+            run_job(cmd, runs / name, "eval.json", threads)
+            record(results, runs / name, name, {"teacher": fam, "method": method, "seed": seed})
 
         for fam in args.families:
             akes[fam] = pool.submit(stage1, fam)
@@ -108,22 +127,26 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def write_results(doc: Path, folder: Path, command: str) -> None:
+def write_results(doc: Path, folder: Path, command: str, student: str) -> None:
     results = load_results(folder)
     seeds = sorted({r["seed"] for r in results.values() if "seed" in r})
+    teachers = {r["teacher"] for r in results.values() if r.get("method", "none") != "none"}
+    teachers |= {name[len("teacher_"):] for name in results if name.startswith("teacher_")}
     lines = [
-        "## Distillation into the R18 RetinaNet student",
+        f"## Distillation into the R18 {TITLES[student]} student",
         "",
         f"Command: `{command}` (table written {datetime.date.today()}, {os.cpu_count()} CPU cores, `--jobs` runs "
-        "side by side; every figure is read from `benchmarks/results/distillation/*.json`, one file per finished "
-        "run). Student: `configs/digits/distill_retinanet_r18.yaml`; AKEs: `configs/digits/ake.yaml`, one set per "
-        "teacher shared by the seeds. Val AP on digits-det; the gain is over the student alone of the same seed.",
+        f"side by side; every figure is read from `{student_folder(RESULTS.relative_to(ROOT), student)}/*.json`, one "
+        "file per finished "
+        f"run). Student: `configs/digits/{student_config(student).name}`; AKEs: `configs/digits/ake.yaml`, one set "
+        "per teacher shared by the seeds and students. Val AP on digits-det; the gain is over the student alone of "
+        "the same seed.",
         "",
         "| teacher (R50) | seed | student alone | FitNet (gain) | UniKD (gain) | UniKD − FitNet |",
         "|---|---|---|---|---|---|",
     ]
     summary = []
-    for fam in FAMILIES:
+    for fam in [f for f in FAMILIES if f in teachers]:
         gains: dict[str, list[float]] = {"fitnet": [], "unikd": [], "margin": []}
         for seed in seeds:
             base = ap(results, f"none_s{seed}")
@@ -162,8 +185,10 @@ def write_results(doc: Path, folder: Path, command: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
-                        help="teachers to run (all by default; the table always lists all)")
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES[:3]),
+                        help="teachers to run (default: %(default)s; the table lists every teacher with results)")
+    parser.add_argument("--student", choices=STUDENTS, default="retinanet",
+                        help="the student (configs/digits/distill_STUDENT_r18.yaml)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "distill")
     parser.add_argument("--teachers", type=Path, default=ROOT / "runs" / "baselines")
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "digits-det")
@@ -184,7 +209,8 @@ def main() -> None:
         tic = time.time()
         schedule(args, threads=args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
         print(f"done in {(time.time() - tic) / 60:.1f} min")
-    write_results(args.doc, args.results, "python benchmarks/distillation.py " + " ".join(sys.argv[1:]))
+    write_results(args.doc, student_folder(args.results, args.student),
+                  "python benchmarks/distillation.py " + " ".join(sys.argv[1:]), args.student)
     print(args.doc.read_text())
 
 

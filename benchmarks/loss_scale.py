@@ -1,11 +1,12 @@
 """Loss scales at the start of stage 2, per teacher: what the distillation weights are set from.
 
     python benchmarks/loss_scale.py [--teachers runs/baselines] [--akes runs/distill] [--families F ...]
+        [--student FAMILY]
 
-On the first 8 digits-det train images, with the untrained R18 RetinaNet student of
-``configs/digits/distill_retinanet_r18.yaml``: the student's detection loss, each teacher's fixed per-level RMS
-(what FitNet and the AKEs divide the teacher by, measured on 256 training images), the FitNet loss (unweighted)
-and the two UniKD distances D (unweighted, λ = 1) with the stage-1 AKEs of ``benchmarks/distillation.py``; then
+On the first 8 digits-det train images, with the untrained R18 student of
+``configs/digits/distill_STUDENT_r18.yaml`` (RetinaNet by default): the student's detection loss, each teacher's
+fixed per-level RMS (what FitNet and the AKEs divide the teacher by, measured on 256 training images), the FitNet
+loss (unweighted) and the two UniKD distances D (unweighted, λ = 1) with the stage-1 AKEs of ``benchmarks/distillation.py``; then
 the other feature baselines: FGD's three terms at the paper's weights (α, β, γ, λ, T of ``DistillConfig``), MGD
 at α = 1 (its masked ratio the paper's) and PKD at weight 1. Writes a section of docs/results.md.
 """
@@ -27,7 +28,9 @@ from unikd.distill import build_distiller, load_ake, measure_teacher_rms, teache
 from unikd.jobs import load_detector
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("faster_rcnn", "fcos", "retinanet")
+FAMILIES = ("faster_rcnn", "fcos", "retinanet", "atss", "reppoints", "deformable_detr")
+STUDENTS = sorted(p.stem[len("distill_"):-len("_r18")]
+                  for p in (ROOT / "configs" / "digits").glob("distill_*_r18.yaml"))
 FGD_WEIGHTS = ("fgd_alpha", "fgd_beta", "fgd_gamma", "fgd_lambda", "fgd_temperature")
 
 
@@ -36,24 +39,26 @@ def main() -> None:
     parser.add_argument("--teachers", type=Path, default=ROOT / "runs" / "baselines")
     parser.add_argument("--akes", type=Path, default=ROOT / "runs" / "distill")
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "digits-det")
-    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES[:3]))
+    parser.add_argument("--student", choices=STUDENTS, default="retinanet")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = load_config(ROOT / "configs" / "digits" / "distill_retinanet_r18.yaml")
+    cfg = load_config(ROOT / "configs" / "digits" / f"distill_{args.student}_r18.yaml")
     paper = {name: getattr(DistillConfig(), name) for name in (*FGD_WEIGHTS, "mgd_lambda")}
     unweighted = dataclasses.replace(cfg.distill, lambda_ct=1.0, lambda_pos=1.0, fitnet_weight=1.0, mgd_alpha=1.0,
                                      pkd_weight=1.0, **paper)
     dataset = CocoDetection(args.data, "train", cfg.data.size)
     images, targets = collate([dataset[i] for i in range(8)])
     student = build_detector(cfg.model, dataset.num_classes).train()
+    into = "" if args.student == "retinanet" else f" into the R18 {args.student} student"
     lines = [
-        "## Loss scales at the start of distillation",
+        f"## Loss scales at the start of distillation{into}",
         "",
         f"Command: `python benchmarks/loss_scale.py {' '.join(sys.argv[1:])}` (measured {datetime.date.today()}). "
-        "Untrained R18 RetinaNet student, first 8 train images; the FitNet loss and D are unweighted (weight and "
-        "λ = 1).",
+        f"Untrained R18 {args.student} student, first 8 train images; the FitNet loss and D are unweighted "
+        "(weight and λ = 1).",
         "",
         "| teacher (R50) | student detection loss | teacher RMS per level (fixed) | FitNet loss | D_ct | D_pos |",
         "|---|---|---|---|---|---|",

@@ -29,13 +29,15 @@ def test_every_config_validates_and_builds_its_detector(path):
     assert cfg.model.backbone == BACKBONES[tag]
 
 
-def test_stage_configs_validate_and_match_the_student_baseline():
+@pytest.mark.parametrize("student", ["retinanet", "deformable_detr", "atss"])  # issue 8's pairs' students
+def test_stage_configs_validate_and_match_the_student_baseline(student):
     names = {p.stem for p in ALL_CONFIGS}
-    assert {"ake", "distill_retinanet_r18"} <= names
+    assert {"ake", f"distill_{student}_r18"} <= names
     root = Path(__file__).parents[1] / "configs" / "digits"
-    distill, student = load_config(root / "distill_retinanet_r18.yaml"), load_config(root / "retinanet_r18_student.yaml")
+    distill = load_config(root / f"distill_{student}_r18.yaml")
+    baseline = load_config(root / f"{student}_r18_student.yaml")
     assert distill.distill.method == "unikd"
-    assert (distill.model, distill.train, distill.data) == (student.model, student.train, student.data)
+    assert (distill.model, distill.train, distill.data) == (baseline.model, baseline.train, baseline.data)
     ake = load_config(root / "ake.yaml").ake
-    teacher = load_config(root / "retinanet_r50_teacher.yaml")
-    assert ake.d_model % ake.n_heads == 0 and teacher.model.fpn_channels == ake.d_model
+    teachers = [load_config(p) for p in root.glob("*_r50_teacher.yaml")]  # one ake.yaml for every R50 teacher
+    assert ake.d_model % ake.n_heads == 0 and {t.model.fpn_channels for t in teachers} == {ake.d_model}
