@@ -37,7 +37,8 @@ def group_of(groups: list[dict]) -> dict[int, dict]:
 def factors_by_name(model: nn.Module, groups: list[dict]) -> dict[str, tuple[float, float]]:
     """``{name: (lr, weight_decay)}`` of every parameter the groups hold, named by an independent walk."""
     found = group_of(groups)
-    return {n: (found[id(p)]["lr"], found[id(p)]["weight_decay"]) for n, p in model.named_parameters() if id(p) in found}
+    return {n: (found[id(p)]["lr"], found[id(p)]["weight_decay"])
+            for n, p in model.named_parameters() if id(p) in found}
 
 
 def small_net() -> nn.Module:
@@ -71,6 +72,11 @@ def test_norms_decay_unless_asked_and_no_keys_make_one_group():
     (group,) = param_groups(net, TrainConfig(lr=0.1, weight_decay=0.01))
     assert [id(p) for p in group["params"]] == [id(p) for p in net.parameters() if p.requires_grad]
     assert (group["lr"], group["weight_decay"], group["lr_mult"], group["decay_mult"]) == (0.1, 0.01, 1.0, 1.0)
+
+
+def test_a_norm_that_is_the_whole_model_is_a_norm():
+    (group,) = param_groups(nn.GroupNorm(2, 4), TrainConfig(weight_decay=0.01, no_decay_norms=True))
+    assert (len(group["params"]), group["weight_decay"], group["decay_mult"]) == (2, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("train, message", [
