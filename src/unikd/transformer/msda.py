@@ -36,13 +36,16 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Te
     if sum(sizes) != S:
         raise ValueError(f"value has {S} tokens but spatial_shapes {shapes} give {sum(sizes)}")
 
-    # grid_sample wants [-1, 1] coordinates, one batch entry per (image, head): [B*M, Q, P, 2] per level
-    grids = (2 * sampling_locations - 1).transpose(1, 2).flatten(0, 1)
+    # grid_sample wants [-1, 1] coordinates, one batch entry per (image, head). Each level's grid
+    # [B*M, Q, P, 2] is its own contiguous copy, as in transformers' version: a strided view of one grid for
+    # all levels was slower on the CPU (docs/benchmarks.md, "MSDA core against an independent implementation").
+    grids = 2 * sampling_locations - 1
     samples = []
     for level, value_l in enumerate(value.split(sizes, dim=1)):
         h, w = shapes[level]
         value_l = value_l.permute(0, 2, 3, 1).reshape(B * M, D, h, w)
-        samples.append(F.grid_sample(value_l, grids[:, :, level], mode="bilinear", padding_mode="zeros",
+        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        samples.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros",
                                      align_corners=False))  # [B*M, D, Q, P]
     weights = attention_weights.transpose(1, 2).reshape(B * M, 1, Q, L * P)
     out = (torch.cat(samples, dim=-1) * weights).sum(-1)  # [B*M, D, Q]
