@@ -17,7 +17,7 @@ from unikd.distill import (METHODS, AbsorbModel, Adaptor, AKEMismatchError, Dist
                            load_ake, nearest_levels, register_method, resample_level, save_ake, teacher_fingerprint)
 from unikd.distill.common import known_assignment, normalise_targets, query_boxes
 from unikd.pyramid import Pyramid
-from unikd.transformer import HungarianMatcher, Memory
+from unikd.transformer import HungarianMatcher, Memory, sine_position_embedding
 
 NUM_CLASSES = 3
 SIZE = 64
@@ -447,6 +447,61 @@ def test_adaptor_maps_levels_by_nearest_stride_and_ends_in_an_affine_norm():
     mixed = Adaptor([8], [32], [8, 16], [64, 128], layers=0, n_heads=8, n_points=4)
     mixed = mixed(Pyramid(student.levels[:1], [8], student.image_sizes))
     assert [tuple(f.shape) for f in mixed.levels] == [(2, 64, 8, 8), (2, 128, 8, 8)]
+
+
+def phi_by_hand(phi: Adaptor, student: Pyramid, levels: list[int]) -> list[torch.Tensor]:
+    """φ's self-attention over student ``levels`` computed from its parts: each level projected, all levels'
+    tokens with sine positions plus their level's embedding through every encoder layer, then cut back into
+    maps (before the norms). Returns one ``[B, C, H, W]`` map per entry of ``levels``."""
+    projected = student.with_levels([proj(student.levels[s]) for s, proj in zip(levels, phi.proj)],
+                                    [student.strides[s] for s in levels])
+    memory = projected.memory()
+    shapes = memory.spatial_shapes
+    level_pos = torch.cat([phi.level_embed[i].expand(h * w, -1) for i, (h, w) in enumerate(shapes.tolist())])
+    pos = sine_position_embedding(shapes, memory.tokens.shape[-1], "cpu", memory.valid_ratios) + level_pos
+    tokens = memory.tokens
+    for layer in phi.layers:
+        tokens = layer(tokens, pos, shapes, memory.padding_mask, memory.valid_ratios)
+    return [t.transpose(1, 2).reshape(len(student.image_sizes), -1, h, w)
+            for t, (h, w) in zip(tokens.split(shapes.prod(1).tolist(), dim=1), shapes.tolist())]
+
+
+def test_phi_over_distinct_levels_is_the_encoder_over_the_projected_levels():
+    student = random_pyramid([(64, 64), (48, 40)], [8, 16, 32], 16, seed=21)
+    torch.manual_seed(0)
+    phi = Adaptor([8, 16, 32], [16] * 3, [8, 16, 32], [32] * 3, layers=2, n_heads=4, n_points=2).eval()
+    with torch.no_grad():
+        for norm in phi.norms:
+            norm.weight.normal_()
+            norm.bias.normal_()
+        expected = [norm(f.movedim(1, -1)).movedim(-1, 1) for f, norm in zip(phi_by_hand(phi, student, [0, 1, 2]),
+                                                                             phi.norms)]
+        torch.testing.assert_close(phi(student).levels, expected)
+
+
+def test_phi_runs_a_student_level_once_for_the_teacher_levels_that_share_it():
+    # A Faster R-CNN teacher (P2-P6) over a RetinaNet student (P3-P7): teacher P2 and P3 both take student P3.
+    student = random_pyramid([(64, 64), (48, 40)], STUDENT_STRIDES, 16, seed=22)
+    torch.manual_seed(0)
+    phi = Adaptor(STUDENT_STRIDES, [16] * 5, TEACHER_STRIDES, [32] * 5, layers=2, n_heads=4, n_points=2).eval()
+    assert phi.inputs == [0, 1, 2, 3] and phi.pick == [0, 0, 1, 2, 3] and len(phi.proj) == 4
+    assert all(layer.self_attn.n_levels == 4 for layer in phi.layers) and phi.level_embed.shape == (4, 32)
+    seen = []
+    hook = phi.layers[0].register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        for norm in phi.norms:
+            norm.weight.normal_()
+            norm.bias.normal_()
+        out = phi(student)
+        hook.remove()
+        maps = phi_by_hand(phi, student, [0, 1, 2, 3])
+    # tokens of student P3-P6 once (8x8 + 4x4 + 2x2 + 1x1), not of the five teacher levels (8x8 twice + ...)
+    assert seen == [64 + 16 + 4 + 1]
+    assert out.strides == [8, 8, 16, 32, 64] and [tuple(f.shape[-2:]) for f in out.levels] == [
+        (8, 8), (8, 8), (4, 4), (2, 2), (1, 1)]
+    for k, i in enumerate([0, 0, 1, 2, 3]):  # each teacher level: its own norm of its student level's output
+        torch.testing.assert_close(out.levels[k], phi.norms[k](maps[i].movedim(1, -1)).movedim(-1, 1))
+    assert not torch.allclose(out.levels[0], out.levels[1])  # the two norms differ
 
 
 def test_phi_makes_every_tensor_on_the_features_device():
