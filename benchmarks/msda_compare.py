@@ -3,7 +3,7 @@ transformers' Deformable DETR attention (``MultiScaleDeformableAttention`` in
 ``transformers.models.deformable_detr``), forward and backward, at digits-det (128 px) and COCO (800 x 1333)
 level sizes.
 
-    python benchmarks/msda_compare.py [--reps 7] [--threads 1] [--doc docs/benchmarks.md]
+    python benchmarks/msda_compare.py [--reps 7] [--threads 1] [--before REV] [--doc docs/benchmarks.md]
 
 transformers is not a dependency of unikd: run by a Python that lacks it, the script makes its own virtual
 environment ``.venv-bench`` (git-ignored; torch and torchvision from the same local wheels as the Makefile,
@@ -11,7 +11,8 @@ unikd itself, transformers from the package index) and runs itself again there.
 
 Per case: the same random inputs for both (float32), outputs and the three input gradients compared, then
 ``--reps`` interleaved repetitions (ours, theirs, ours, ...) of a forward pass and of a backward pass of a
-fixed upstream gradient; the table gives the medians and ours / theirs.
+fixed upstream gradient; the table gives the medians and ours / theirs. ``--before REV`` adds our core as it
+was at git revision ``REV`` (read with ``git show``) to the same interleaved run.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,6 +97,16 @@ def theirs(shapes):
     return lambda v, loc, w: attn(v, shapes_t, shapes, starts, loc, w, 64)
 
 
+def ours_at(rev: str, shapes):
+    """Our core as it was at git revision ``rev``."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:src/unikd/transformer/msda.py"], check=True,
+                            capture_output=True, text=True).stdout
+    module = types.ModuleType(f"msda_at_{rev}")
+    exec(compile(source, f"{rev}:msda.py", "exec"), module.__dict__)
+    shapes_t = torch.tensor(shapes)
+    return lambda v, loc, w: module.ms_deform_attn(v, shapes_t, loc, w)
+
+
 def run_case(impl, value, locations, weights, grad) -> tuple[float, float, list[torch.Tensor]]:
     """Seconds of one forward pass and of its backward pass, and ``[output, grad value, grad locations,
     grad weights]``."""
@@ -107,13 +119,16 @@ def run_case(impl, value, locations, weights, grad) -> tuple[float, float, list[
     return middle - start, end - middle, [out.detach(), *(t.grad for t in leaves)]
 
 
-def compare(case, reps: int) -> dict:
+def compare(case, reps: int, before: str | None) -> dict:
     name, (height, width), batch, queries, channels, heads, points = case
     shapes = level_shapes(height, width)
     data = inputs(shapes, batch, queries, channels, heads, points)
     impls = {"ours": ours(shapes), "theirs": theirs(shapes)}
+    if before:
+        impls["before"] = ours_at(before, shapes)
     results = {key: run_case(impl, *data) for key, impl in impls.items()}  # also the warm-up
-    diff = max((a - b).abs().max().item() for a, b in zip(results["ours"][2], results["theirs"][2]))
+    diff = {key: max((a - b).abs().max().item() for a, b in zip(results[key][2], results["theirs"][2]))
+            for key in impls}
     times = {key: ([], []) for key in impls}
     for _ in range(reps):
         for key, impl in impls.items():
@@ -123,10 +138,10 @@ def compare(case, reps: int) -> dict:
     med = {key: [statistics.median(t) for t in pair] for key, pair in times.items()}
     q = sum(h * w for h, w in shapes) if queries is None else queries
     return {"name": name, "size": f"{height} x {width}", "batch": batch, "queries": q,
-            "tokens": sum(h * w for h, w in shapes), "max_diff": diff, "ours": med["ours"], "theirs": med["theirs"]}
+            "tokens": sum(h * w for h, w in shapes), "max_diff": diff, **med}
 
 
-def section(rows: list[dict], command: str, reps: int) -> str:
+def section(rows: list[dict], command: str, reps: int, before: str | None) -> str:
     lines = [
         "## MSDA core against an independent implementation", "",
         f"Command: `{command}`  ",
@@ -136,15 +151,20 @@ def section(rows: list[dict], command: str, reps: int) -> str:
         "pure-PyTorch path, in `.venv-bench`, not a unikd dependency). Float32, P3-P7 levels of the image size, "
         "8 heads, 4 points; the same inputs and upstream gradient for both. Times: medians of "
         f"{reps} interleaved repetitions, seconds; max |diff|: over the output and the gradients of value, "
-        "locations and weights.", "",
+        "locations and weights." + (f" Before: our core at `{before}`." if before else ""), "",
         "| case | image | batch | queries | tokens | max abs diff | fwd ours | fwd theirs | fwd ours/theirs "
-        "| bwd ours | bwd theirs | bwd ours/theirs |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| bwd ours | bwd theirs | bwd ours/theirs |" + (" fwd before/theirs | bwd before/theirs |" if before else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if before else ""),
     ]
     for r in rows:
         (fo, bo), (ft, bt) = r["ours"], r["theirs"]
-        lines.append(f"| {r['name']} | {r['size']} | {r['batch']} | {r['queries']} | {r['tokens']} | "
-                     f"{r['max_diff']:.1e} | {fo:.4f} | {ft:.4f} | {fo / ft:.2f} | {bo:.4f} | {bt:.4f} | {bo / bt:.2f} |")
+        line = (f"| {r['name']} | {r['size']} | {r['batch']} | {r['queries']} | {r['tokens']} | "
+                f"{r['max_diff']['ours']:.1e} | {fo:.4f} | {ft:.4f} | {fo / ft:.2f} | {bo:.4f} | {bt:.4f} | "
+                f"{bo / bt:.2f} |")
+        if before:
+            fb, bb = r["before"]
+            line += f" {fb / ft:.2f} | {bb / bt:.2f} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -153,6 +173,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cases", nargs="*", type=int, help="indices into the case list (default: all)")
+    parser.add_argument("--before", help="also time our core as it was at this git revision")
     parser.add_argument("--doc", type=Path, help="write the section into this markdown file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -160,9 +181,9 @@ def main() -> None:
     cases = [CASES[i] for i in args.cases] if args.cases else CASES
     rows = []
     for case in cases:
-        rows.append(compare(case, args.reps))
-        print(section(rows[-1:], command, args.reps).splitlines()[-1], flush=True)
-    text = section(rows, command.strip(), args.reps)
+        rows.append(compare(case, args.reps, args.before))
+        print(section(rows[-1:], command, args.reps, args.before).splitlines()[-1], flush=True)
+    text = section(rows, command.strip(), args.reps, args.before)
     print(text)
     if args.doc:
         replace_section(args.doc, text)
