@@ -6,7 +6,8 @@ shows within the demo's budget.
         [--size 64] [--batch-size 4] [--set teacher.model.box_batch_size_per_image=32] [--json results.json]
 
 A scale is ``TEACHER_EPOCHS,AKE_EPOCHS,STUDENT_EPOCHS`` over the demo's data (``unikd.demo.DEMO``: its image size,
-its train and val counts, unless ``--size``, ``--n-train``, ``--n-val`` or ``--batch-size`` say otherwise);
+its train and val counts and digit bounds, unless ``--size``, ``--n-train``, ``--n-val``, ``--batch-size``,
+``--min-side`` or ``--max-digits`` say otherwise);
 ``--set ROLE.KEY=VALUE`` changes one of the demo's settings by role (``schedule``, ``teacher``, ``ake`` or
 ``student``: the dicts of ``unikd.demo``) for every scale. Each scale gets its own folder under ``--out`` and is
 resumable as the demo is. The AP
@@ -65,13 +66,15 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=DEMO.n_train)
     parser.add_argument("--n-val", type=int, default=DEMO.n_val)
     parser.add_argument("--batch-size", type=int, default=DEMO.batch_size)
+    parser.add_argument("--min-side", type=int, default=DEMO.min_side)
+    parser.add_argument("--max-digits", type=int, default=DEMO.max_digits)
     parser.add_argument("--set", action="append", default=[], metavar="ROLE.KEY=VALUE")
     parser.add_argument("--json", type=Path, help="write the results here after each scale")
     args = parser.parse_args()
     for setting in args.set:
         override(setting)
     base = dataclasses.replace(DEMO, size=args.size, n_train=args.n_train, n_val=args.n_val,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, min_side=args.min_side, max_digits=args.max_digits)
     results = []
     for spec in args.scales:
         results.append(explore(spec, args.data, args.out, args.seed, base))

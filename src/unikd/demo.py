@@ -42,6 +42,8 @@ class Scale:
     student_epochs: int
     batch_size: int = 8
     small_models: bool = False  # 32-channel FPNs and a small AKE (the smoke run)
+    min_side: int = 12  # digits-det: the smallest digit's side in px, and the most digits per image
+    max_digits: int = 6
 
 
 # The demo's scale: docs/results.md ("The demo's scale") gives the step times and the estimate behind it.
@@ -122,15 +124,19 @@ def _digits_stage(data_root: Path, scale: Scale) -> Stage:
     from .data import build_digits_det
 
     meta = data_root / "meta.json"
-    wanted = {"n_train": scale.n_train, "n_val": scale.n_val, "size": scale.size, "seed": 0}
-    if meta.exists() and {k: json.loads(meta.read_text()).get(k) for k in wanted} != wanted:
+    wanted = {"n_train": scale.n_train, "n_val": scale.n_val, "size": scale.size, "seed": 0,
+              "min_side": scale.min_side, "max_digits": scale.max_digits}
+    old = {"min_side": 12, "max_digits": 6}  # builds from before the keys
+    if meta.exists() and {k: json.loads(meta.read_text()).get(k, old.get(k)) for k in wanted} != wanted:
         raise UserError(f"{data_root} holds a digits-det build with other parameters than the demo's {wanted} "
                         f"({meta}); give the demo another --data")
     command = ["unikd", "data", "build", "digits-det", "--out", str(data_root), "--train", str(scale.n_train),
-               "--val", str(scale.n_val), "--size", str(scale.size)]
-    return Stage("digits-det", f"digits-det ({scale.n_train} train / {scale.n_val} val images of {scale.size} px)",
-                 command, data_root, meta,
-                 run=lambda _: build_digits_det(data_root, n_train=scale.n_train, n_val=scale.n_val, size=scale.size))
+               "--val", str(scale.n_val), "--size", str(scale.size), "--min-side", str(scale.min_side),
+               "--max-digits", str(scale.max_digits)]
+    return Stage("digits-det", f"digits-det ({scale.n_train} train / {scale.n_val} val images of {scale.size} px, "
+                 f"1-{scale.max_digits} digits of {scale.min_side} px or more)", command, data_root, meta,
+                 run=lambda _: build_digits_det(data_root, n_train=scale.n_train, n_val=scale.n_val, size=scale.size,
+                                                min_side=scale.min_side, max_digits=scale.max_digits))
 
 
 def plan(out: Path, data_root: Path, scale: Scale, seed: int = 0) -> list[Stage]:
