@@ -10,9 +10,9 @@ environment ``.venv-bench`` (git-ignored; torch and torchvision from the same lo
 unikd itself, transformers from the package index) and runs itself again there.
 
 Per case: the same random inputs for both (float32), outputs and the three input gradients compared, then
-``--reps`` interleaved repetitions (ours, theirs, ours, ...) of a forward pass and of a backward pass of a
-fixed upstream gradient; the table gives the medians and ours / theirs. ``--before REV`` adds our core as it
-was at git revision ``REV`` (read with ``git show``) to the same interleaved run.
+``--reps`` interleaved repetitions (each implementation first in turn) of a forward pass and of a backward
+pass of a fixed upstream gradient; the table gives the medians and ours / theirs. ``--before REV`` adds our
+core as it was at git revision ``REV`` (read with ``git show``) to the same interleaved run.
 """
 from __future__ import annotations
 
@@ -130,9 +130,10 @@ def compare(case, reps: int, before: str | None) -> dict:
     diff = {key: max((a - b).abs().max().item() for a, b in zip(results[key][2], results["theirs"][2]))
             for key in impls}
     times = {key: ([], []) for key in impls}
-    for _ in range(reps):
-        for key, impl in impls.items():
-            fwd, bwd, _ = run_case(impl, *data)
+    order = list(impls)
+    for rep in range(reps):
+        for key in order[rep % len(order):] + order[:rep % len(order)]:  # each goes first in turn
+            fwd, bwd, _ = run_case(impls[key], *data)
             times[key][0].append(fwd)
             times[key][1].append(bwd)
     med = {key: [statistics.median(t) for t in pair] for key, pair in times.items()}
