@@ -449,6 +449,15 @@ def test_adaptor_maps_levels_by_nearest_stride_and_ends_in_an_affine_norm():
     assert [tuple(f.shape) for f in mixed.levels] == [(2, 64, 8, 8), (2, 128, 8, 8)]
 
 
+def randomise(module: torch.nn.Module, seed: int) -> None:
+    """Every parameter of ``module`` drawn anew (at init the deformable attention ignores its query: its offset
+    and weight projections start at zero, so positions and level embeddings would not show)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+
+
 def phi_by_hand(phi: Adaptor, student: Pyramid, levels: list[int]) -> list[torch.Tensor]:
     """φ's self-attention over student ``levels`` computed from its parts: each level projected, all levels'
     tokens with sine positions plus their level's embedding through every encoder layer, then cut back into
@@ -470,10 +479,8 @@ def test_phi_over_distinct_levels_is_the_encoder_over_the_projected_levels():
     student = random_pyramid([(64, 64), (48, 40)], [8, 16, 32], 16, seed=21)
     torch.manual_seed(0)
     phi = Adaptor([8, 16, 32], [16] * 3, [8, 16, 32], [32] * 3, layers=2, n_heads=4, n_points=2).eval()
+    randomise(phi, seed=23)
     with torch.no_grad():
-        for norm in phi.norms:
-            norm.weight.normal_()
-            norm.bias.normal_()
         expected = [norm(f.movedim(1, -1)).movedim(-1, 1) for f, norm in zip(phi_by_hand(phi, student, [0, 1, 2]),
                                                                              phi.norms)]
         torch.testing.assert_close(phi(student).levels, expected)
@@ -488,10 +495,8 @@ def test_phi_runs_a_student_level_once_for_the_teacher_levels_that_share_it():
     assert all(layer.self_attn.n_levels == 4 for layer in phi.layers) and phi.level_embed.shape == (4, 32)
     seen = []
     hook = phi.layers[0].register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    randomise(phi, seed=24)
     with torch.no_grad():
-        for norm in phi.norms:
-            norm.weight.normal_()
-            norm.bias.normal_()
         out = phi(student)
         hook.remove()
         maps = phi_by_hand(phi, student, [0, 1, 2, 3])
