@@ -11,7 +11,8 @@ unikd itself, transformers from the package index) and runs itself again there.
 
 Per case: the same random inputs for both (float32), outputs and the three input gradients compared, then
 ``--reps`` interleaved repetitions (each implementation first in turn) of a forward pass and of a backward
-pass of a fixed upstream gradient; the table gives the medians and ours / theirs. ``--before REV`` adds our
+pass of a fixed upstream gradient, timed in CPU seconds of the process; the table gives the medians and
+ours / theirs. ``--before REV`` adds our
 core as it was at git revision ``REV`` (read with ``git show``) to the same interleaved run.
 """
 from __future__ import annotations
@@ -108,14 +109,15 @@ def ours_at(rev: str, shapes):
 
 
 def run_case(impl, value, locations, weights, grad) -> tuple[float, float, list[torch.Tensor]]:
-    """Seconds of one forward pass and of its backward pass, and ``[output, grad value, grad locations,
+    """CPU seconds of this process for one forward pass and for its backward pass (``time.process_time``: on a
+    shared machine the time others take from us does not count), and ``[output, grad value, grad locations,
     grad weights]``."""
     leaves = [t.detach().requires_grad_() for t in (value, locations, weights)]
-    start = time.perf_counter()
+    start = time.process_time()
     out = impl(*leaves)
-    middle = time.perf_counter()
+    middle = time.process_time()
     out.backward(grad)
-    end = time.perf_counter()
+    end = time.process_time()
     return middle - start, end - middle, [out.detach(), *(t.grad for t in leaves)]
 
 
@@ -151,7 +153,7 @@ def section(rows: list[dict], command: str, reps: int, before: str | None) -> st
         "Ours: `unikd.transformer.ms_deform_attn`; theirs: transformers' `MultiScaleDeformableAttention` (its "
         "pure-PyTorch path, in `.venv-bench`, not a unikd dependency). Float32, P3-P7 levels of the image size, "
         "8 heads, 4 points; the same inputs and upstream gradient for both. Times: medians of "
-        f"{reps} interleaved repetitions, seconds; max |diff|: over the output and the gradients of value, "
+        f"{reps} interleaved repetitions, CPU seconds of the process (`time.process_time`); max |diff|: over the output and the gradients of value, "
         "locations and weights." + (f" Before: our core at `{before}`." if before else ""), "",
         "| case | image | batch | queries | tokens | max abs diff | fwd ours | fwd theirs | fwd ours/theirs "
         "| bwd ours | bwd theirs | bwd ours/theirs |" + (" fwd before/theirs | bwd before/theirs |" if before else ""),
