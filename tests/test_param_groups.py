@@ -13,7 +13,7 @@ from unikd.data import CocoDetection, collate
 from unikd.detectors import build_detector
 from unikd.distill import DistillationModel, build_distiller
 from unikd.engine.checkpoint import load_checkpoint, save_atomic
-from unikd.engine.param_groups import param_groups
+from unikd.engine.param_groups import build_optimizer, param_groups
 from unikd.engine.schedule import lr_factor
 from unikd.engine.trainer import Trainer
 from unikd.errors import ResumeError
@@ -80,7 +80,8 @@ def test_a_norm_that_is_the_whole_model_is_a_norm():
 
 
 @pytest.mark.parametrize("train, message", [
-    (dict(lr_mult={"body": 0.5, r"\.0\.": 2.0}), r"train.lr_mult: parameter body.0.weight matches 2 patterns"),
+    (dict(lr_mult={"body": 0.5, "0": 2.0}),
+     r"train.lr_mult: parameter body.0.weight matches 2 patterns \('body', '0'\)"),
     (dict(decay_mult={"weight": 0.0, "stem": 0.5}), r"train.decay_mult: parameter stem.weight matches 2 patterns"),
     (dict(lr_mult={"frozen": 0.1}), r"train.lr_mult: 'frozen' matches no trainable parameter"),
     (dict(decay_mult={"neck": 0.0}), r"train.decay_mult: 'neck' matches no trainable parameter.*e.g. stem.weight"),
@@ -88,6 +89,13 @@ def test_a_norm_that_is_the_whole_model_is_a_norm():
 def test_ambiguous_or_unused_patterns_are_errors(train, message):
     with pytest.raises(ConfigError, match=message):
         param_groups(small_net(), TrainConfig(**train))
+
+
+def test_no_trainable_parameter_and_an_unknown_optimizer_are_errors():
+    with pytest.raises(ValueError, match="^the model has no trainable parameters$"):
+        param_groups(small_net().requires_grad_(False), TrainConfig())
+    with pytest.raises(ConfigError, match=r"train.optimizer: unknown optimizer 'adam' \(choose sgd or adamw\)"):
+        build_optimizer(small_net(), TrainConfig(optimizer="adam"))
 
 
 def test_config_checks_the_mappings():
@@ -182,6 +190,8 @@ def test_one_step_applies_each_parameters_rate_and_decay(tiny_digits, tmp_path, 
     trainer = Trainer(detector, train_set, collate, cfg.train, batch_size=4, out_dir=tmp_path)
     trainer.fit()
     norms = norm_params_by_shape(detector)
+    if optimizer == "sgd":  # a first step is the same with or without momentum: check that it is there
+        assert {g["momentum"] for g in trainer.optimizer.param_groups} == {cfg.train.momentum} == {0.9}
     assert norms and any(".body." in n for n in before) and any(".fpn." in n for n in before)
     for name, p in detector.named_parameters():
         lr_mult, decay_mult = expected_factors(name, norms)

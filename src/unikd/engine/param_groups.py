@@ -73,10 +73,11 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """``cfg.optimizer`` (sgd | adamw) over :func:`param_groups` of ``model``."""
+    """``cfg.optimizer`` (sgd | adamw) over :func:`param_groups` of ``model`` (every group sets its own ``lr`` and
+    ``weight_decay``)."""
     groups = param_groups(model, cfg)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, momentum=cfg.momentum)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups)
     raise ConfigError(f"train.optimizer: unknown optimizer '{cfg.optimizer}' (choose sgd or adamw)")
