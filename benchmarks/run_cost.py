@@ -9,9 +9,9 @@ Deformable DETR and RepPoints -> ATSS with none / fitnet / unikd), the median CP
 steps (forward, backward, AdamW; after ``--warmup`` steps) on a batch of 8 digits-det train images at 128 px,
 times the run's iterations (its epochs over 2000 images), plus the evaluation (its ``predict`` on a batch of 8,
 times the 500 val images / 8). CPU time of this process (``time.process_time``), not wall time: with one thread
-it is what a run takes on a core of its own, whatever else shares the machine while this measures. Weights are freshly initialised: the cost does not depend on their values. Mask R-CNN's
-batch comes from a small masks build in a temporary folder (same image size). Writes a section of
-docs/results.md with ``--doc``.
+it is what a run takes on a core of its own, whatever else shares the machine while this measures. Weights are
+freshly initialised: the cost does not depend on their values. Mask R-CNN's batch comes from a small masks build
+in a temporary folder (same image size). Writes a section of docs/results.md with ``--doc``.
 """
 from __future__ import annotations
 
