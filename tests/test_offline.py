@@ -373,12 +373,11 @@ def test_offline_fitnet_loads_no_teacher_and_gives_the_online_loss(offline, tmp_
     def no_teacher(*args, **kwargs):
         raise AssertionError("offline stage 2 loaded a detector checkpoint")
 
-    out = tmp_path / "student"
+    out, foreground = tmp_path / "student", fitnet_store(offline, "fitnet-foreground")  # dumped with the teacher
     with monkeypatch.context() as m:
         m.setattr(jobs, "load_detector", no_teacher)
-        assert cli.main(["distill", str(offline["yaml"]), "--method", "fitnet", "--knowledge-store",
-                         str(fitnet_store(offline, "fitnet-foreground")), "--out", str(out), "--max-iters", "2",
-                         *SMALL_PHI]) == 0
+        assert cli.main(["distill", str(offline["yaml"]), "--method", "fitnet", "--knowledge-store", str(foreground),
+                         "--out", str(out), "--max-iters", "2", *SMALL_PHI]) == 0
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss_fitnet"] > 0
 
