@@ -409,7 +409,8 @@ def test_offline_fitnet_loads_no_teacher_and_gives_the_online_loss(offline, tmp_
 
 def test_a_store_of_the_wrong_kind_or_variant_is_refused(offline, tmp_path, capsys):
     """A UniKD store given to FitNet and a FitNet store given to UniKD are refused, naming both; a FitNet store
-    without the flipped images is refused as UniKD's is; a foreground record served with other boxes is refused."""
+    without the flipped images is refused as UniKD's is; a foreground record served with other boxes, or a full one
+    at another image size, is refused."""
     capsys.readouterr()
     assert cli.main(["distill", str(offline["yaml"]), "--method", "fitnet", "--knowledge-store", str(offline["fp32"]),
                      "--out", str(tmp_path / "a"), "--max-iters", "1"]) == 2
@@ -434,5 +435,10 @@ def test_a_store_of_the_wrong_kind_or_variant_is_refused(offline, tmp_path, caps
     size = [tuple(image.shape[-2:])]
     stored_pyramid([record], [target], size, store.manifest["teacher"]["strides"], "fitnet-foreground", "cpu")
     moved = {**target, "boxes": target["boxes"] * 0.5}
-    with pytest.raises(KnowledgeStoreError, match="stored foreground of image .* cells on level"):
+    with pytest.raises(KnowledgeStoreError, match=f"stored foreground of image .* has {record['level0'].shape[-1]} "
+                       "cells on level 0, its boxes"):
         stored_pyramid([record], [moved], size, store.manifest["teacher"]["strides"], "fitnet-foreground", "cpu")
+    full = KnowledgeStore(fitnet_store(offline, "fitnet-full")).record(target["image_id"], False, None)
+    with pytest.raises(KnowledgeStoreError, match=f"the stored features of image {target['image_id']} cover \\[8, 8\\] "
+                       "cells on level 0, its image \\[4, 8\\]: not the image it was dumped from"):
+        stored_pyramid([full], [target], [(32, 64)], store.manifest["teacher"]["strides"], "fitnet-full", "cpu")
