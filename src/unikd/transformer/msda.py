@@ -37,8 +37,9 @@ def ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_locations: Te
         raise ValueError(f"value has {S} tokens but spatial_shapes {shapes} give {sum(sizes)}")
 
     # grid_sample wants [-1, 1] coordinates, one batch entry per (image, head). Each level's grid
-    # [B*M, Q, P, 2] is its own contiguous copy, as in transformers' version: a strided view of one grid for
-    # all levels was slower on the CPU (docs/benchmarks.md, "MSDA core against an independent implementation").
+    # [B*M, Q, P, 2] is its own contiguous copy, as in transformers' version, so that the two run the same
+    # operations; a timing of this against a strided view of one grid for all levels could not tell them apart
+    # (docs/benchmarks.md, "MSDA core against an independent implementation").
     grids = 2 * sampling_locations - 1
     samples = []
     for level, value_l in enumerate(value.split(sizes, dim=1)):
