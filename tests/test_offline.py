@@ -19,13 +19,14 @@ from unikd.distill import load_ake, measure_teacher_rms, teacher_fingerprint
 from unikd.distill.unikd import teacher_knowledge
 from unikd.errors import CorruptFileError
 from unikd.knowledge import KnowledgeStore, KnowledgeStoreError, StoredKnowledge, verify_store
-from unikd.knowledge.features import feature_fields, feature_records, stored_pyramid
+from unikd.knowledge.features import feature_fields, feature_records, full_maps
 from unikd.knowledge.manifest import VERSION, expected_keys, field_specs
 from unikd.knowledge.shards import SHARDS, ShardWriter
 from unikd.pyramid import Pyramid
 from unikd.transformer import HungarianMatcher
 
 from conftest import pretrain_akes, teacher_and_student, tiny_config
+from host_reads import HostReads
 
 SMALL_PHI = ["--set", "distill.adaptor_heads=4", "--set", "distill.adaptor_points=2"]
 
@@ -361,6 +362,12 @@ def test_foreground_store_holds_exactly_the_cells_inside_the_boxes(offline):
             expected = torch.stack([f[0, :, r, c] for r, c in inside], dim=1) if inside else f.new_zeros(32, 0)
             assert cut[f"level{level}"].shape == (32, len(inside))
             torch.testing.assert_close(cut[f"level{level}"], expected, rtol=1e-5, atol=1e-5)
+            expanded = full_maps(cut, target, tuple(image.shape[-2:]), pyramid.strides, "fitnet-foreground")
+            outside = torch.ones(rows, cols, dtype=torch.bool)
+            for r, c in inside:
+                outside[r, c] = False
+            assert torch.equal(expanded[f"level{level}"][:, ~outside], cut[f"level{level}"])
+            assert not expanded[f"level{level}"][:, outside].any()
             counted += len(inside)
         assert 0 < counted < sum(r.numel() for r in whole.values()) // 32
 
@@ -432,13 +439,48 @@ def test_a_store_of_the_wrong_kind_or_variant_is_refused(offline, tmp_path, caps
     data = train_set(offline, hflip=0)
     image, target = data[0]
     record = store.record(target["image_id"], False, None, image_size=tuple(image.shape[-2:]))
-    size = [tuple(image.shape[-2:])]
-    stored_pyramid([record], [target], size, store.manifest["teacher"]["strides"], "fitnet-foreground", "cpu")
+    size, strides = tuple(image.shape[-2:]), store.manifest["teacher"]["strides"]
+    full_maps(record, target, size, strides, "fitnet-foreground")
     moved = {**target, "boxes": target["boxes"] * 0.5}
     with pytest.raises(KnowledgeStoreError, match=f"stored foreground of image .* has {record['level0'].shape[-1]} "
                        "cells on level 0, its boxes"):
-        stored_pyramid([record], [moved], size, store.manifest["teacher"]["strides"], "fitnet-foreground", "cpu")
+        full_maps(record, moved, size, strides, "fitnet-foreground")
     full = KnowledgeStore(fitnet_store(offline, "fitnet-full")).record(target["image_id"], False, None)
     with pytest.raises(KnowledgeStoreError, match=f"the stored features of image {target['image_id']} cover \\[8, 8\\] "
                        "cells on level 0, its image \\[4, 8\\]: not the image it was dumped from"):
-        stored_pyramid([full], [target], [(32, 64)], store.manifest["teacher"]["strides"], "fitnet-full", "cpu")
+        full_maps(full, target, (32, 64), strides, "fitnet-full")
+
+
+def test_offline_stage_2_reads_nothing_back_from_the_device_and_online_unikd_only_to_match_and_sample(offline):
+    """The host reads of device tensors (:mod:`host_reads`: syncs on a GPU) in unikd's own code in one stage-2
+    forward on a batch moved as the trainer moves it: none offline, UniKD from its store and FitNet from a
+    foreground store (expanded by the loader, not in the step); online UniKD reads twice, once for ``B̂``'s sampler
+    (the batch's ground truth, in one copy) and once for the Hungarian matcher of the content positives (the cost
+    matrix), as docs/benchmarks.md says."""
+    def forward(model, batch):
+        images, targets = batch
+        with HostReads() as reads:
+            reads.on_device(model, images, [{k: v for k, v in t.items() if torch.is_tensor(v)} for t in targets])
+            losses = model(images, targets)
+        return losses, reads
+
+    cfg = tiny_config(yaml.safe_load(offline["yaml"].read_text())["data"]["root"], epochs=1)
+    cfg.distill.adaptor_heads, cfg.distill.adaptor_points = 4, 2
+    stores = {"unikd": offline["fp32"], "fitnet": fitnet_store(offline, "fitnet-foreground")}
+    for method, store in stores.items():
+        cfg.distill.method = method
+        student = jobs.build_detector(cfg.model, train_set(offline).num_classes)
+        model, _, data = jobs._offline_model(cfg, store, offline["ake"] if method == "unikd" else None, student,
+                                             train_set(offline))
+        losses, reads = forward(model, collate([data[i] for i in range(4)]))
+        assert losses["loss_kd_ct" if method == "unikd" else "loss_fitnet"] > 0
+        assert reads.files() == set(), (method, reads.sites)
+        assert reads.files("torchvision"), "the student's own losses read (torchvision's anchor matching)"
+    cfg.distill.method = "unikd"
+    student = jobs.build_detector(cfg.model, train_set(offline).num_classes)
+    model, _, _ = jobs._online_model(cfg, offline["teacher"], offline["ake"], student, train_set(offline), "cpu")
+    losses, reads = forward(model, collate([train_set(offline)[i] for i in range(4)]))
+    assert losses["loss_kd_ct"] > 0
+    ours = {site: n for site, n in reads.sites.items() if site.startswith("unikd/")}
+    assert reads.files() == {"unikd/distill/common.py", "unikd/transformer/matcher.py"}, ours
+    assert sum(ours.values()) == 2, ours  # once per batch each: the ground truth's copy and the cost matrix's

@@ -236,9 +236,8 @@ def _offline_model(cfg: C.ExperimentConfig, store_path: str | Path, ake_path, st
         rms = torch.tensor(store.manifest["teacher_rms"], dtype=torch.float32)
         distiller = build_distiller(method, cfg.distill, student, teacher, teacher_rms=rms)
 
-        def stored_teacher(records, targets, student_pyramid):
-            return stored_pyramid(records, targets, student_pyramid.image_sizes, teacher.strides, knowledge,
-                                  student_pyramid.levels[0].device)
+        def stored_teacher(maps, targets, student_pyramid):
+            return stored_pyramid(maps, student_pyramid.image_sizes, teacher.strides, student_pyramid.levels[0].device)
     return OfflineDistillationModel(student, distiller, stored_teacher), fingerprint, StoredKnowledge(train_set, store)
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from unikd.distill.feature_kd import box_cells
+from unikd.host_copy import to_device
 from unikd.pyramid import Pyramid
 
 from .manifest import KnowledgeStoreError
@@ -62,32 +63,46 @@ def feature_records(pyramid: Pyramid, targets: list[dict[str, Tensor]], knowledg
     return records
 
 
-def stored_pyramid(records: list[dict[str, Tensor]], targets: list[dict[str, Tensor]],
-                   image_sizes: list[tuple[int, int]], strides: list[int], knowledge: str,
+def full_maps(record: dict[str, Tensor], target: dict[str, Tensor], image_size: tuple[int, int], strides: list[int],
+              knowledge: str) -> dict[str, Tensor]:
+    """A record as the whole maps of its image, made by the data loader on the host: ``level{l}``
+    ``[C_l, ceil(h / s_l), ceil(w / s_l)]`` in the stored dtype, a foreground record's cells put back inside the
+    sample's boxes (``target["boxes"]``, xyxy in image pixels) and zeros elsewhere. A record that does not fit its
+    sample (another image size, another foreground) is refused."""
+    maps = {}
+    for l, stride in enumerate(strides):
+        h, w = image_cells(image_size, stride)
+        stored = record[f"level{l}"]
+        if REGIONS[knowledge] == "full":
+            if tuple(stored.shape[-2:]) != (h, w):
+                raise KnowledgeStoreError(f"the stored features of image {target['image_id']} cover "
+                                          f"{list(stored.shape[-2:])} cells on level {l}, its image {[h, w]}: "
+                                          "not the image it was dumped from")
+            maps[f"level{l}"] = stored
+            continue
+        foreground = box_cells(target["boxes"], (h, w), stride).any(0)
+        if int(foreground.sum()) != stored.shape[-1]:
+            raise KnowledgeStoreError(f"the stored foreground of image {target['image_id']} has {stored.shape[-1]} "
+                                      f"cells on level {l}, its boxes {int(foreground.sum())}: not the image and "
+                                      "boxes it was dumped from")
+        whole = stored.new_zeros(stored.shape[0], h, w)
+        whole[:, foreground] = stored
+        maps[f"level{l}"] = whole
+    return maps
+
+
+def stored_pyramid(maps: list[dict[str, Tensor]], image_sizes: list[tuple[int, int]], strides: list[int],
                    device: torch.device) -> Pyramid:
-    """The teacher pyramid of a batch rebuilt from its records, float32 on ``device``: level ``l`` is
-    ``[B, C_l, H_l, W_l]`` with ``(H_l, W_l)`` the batch's largest image cells, each image's cells at its top-left
-    and zeros elsewhere (a foreground record fills the cells inside its boxes only). A record that does not fit
-    its sample (another image size, another foreground) is refused."""
+    """The teacher pyramid of a batch from its records' whole maps (:func:`full_maps`), float32 on ``device``:
+    level ``l`` is ``[B, C_l, H_l, W_l]`` with ``(H_l, W_l)`` the batch's largest image cells, each image's cells
+    at its top-left and zeros elsewhere. Built on the host and copied once per level, without waiting for the
+    device (:func:`unikd.host_copy.to_device`)."""
     levels = []
     for l, stride in enumerate(strides):
         cells = [image_cells(size, stride) for size in image_sizes]
         rows, cols = max(r for r, _ in cells), max(c for _, c in cells)
-        level = torch.zeros(len(records), records[0][f"level{l}"].shape[0], rows, cols, device=device)
-        for i, (record, target, (h, w)) in enumerate(zip(records, targets, cells)):
-            stored = record[f"level{l}"].to(device=device, dtype=torch.float32)
-            if REGIONS[knowledge] == "full":
-                if tuple(stored.shape[-2:]) != (h, w):
-                    raise KnowledgeStoreError(f"the stored features of image {target['image_id']} cover "
-                                              f"{list(stored.shape[-2:])} cells on level {l}, its image {[h, w]}: "
-                                              "not the image it was dumped from")
-                level[i, :, :h, :w] = stored
-            else:
-                foreground = box_cells(target["boxes"].to(device), (h, w), stride).any(0)
-                if int(foreground.sum()) != stored.shape[-1]:
-                    raise KnowledgeStoreError(f"the stored foreground of image {target['image_id']} has "
-                                              f"{stored.shape[-1]} cells on level {l}, its boxes "
-                                              f"{int(foreground.sum())}: not the image and boxes it was dumped from")
-                level[i, :, :h, :w][:, foreground] = stored
-        levels.append(level)
+        level = torch.zeros(len(maps), maps[0][f"level{l}"].shape[0], rows, cols)
+        for i, (m, (h, w)) in enumerate(zip(maps, cells)):
+            level[i, :, :h, :w] = m[f"level{l}"]
+        levels.append(to_device(level, device))
     return Pyramid(levels, list(strides), list(image_sizes))

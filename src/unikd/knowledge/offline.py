@@ -18,9 +18,11 @@ from unikd.data import CocoDetection, ImageResize
 from unikd.detectors import DetectorAdapter
 from unikd.distill import Distiller, TeacherKnowledge
 from unikd.distill.ake import Queries
+from unikd.host_copy import to_device
 from unikd.pyramid import Pyramid
 
 from .dump import min_size_of, resize_spec, variants
+from .features import REGIONS, full_maps
 from .manifest import KnowledgeStoreError
 from .store import KnowledgeStore
 
@@ -53,8 +55,10 @@ def check_store_fits(store: KnowledgeStore, dataset: CocoDetection, eval_resize:
 
 
 class StoredKnowledge(Dataset):
-    """``dataset``'s samples, each target with ``target["knowledge"]``: its record's fields with draw
-    ``epoch mod K`` of ``B̂`` (``ct/*`` as stored, ``pos/*`` without the draw dimension)."""
+    """``dataset``'s samples, each target with ``target["knowledge"]``: a UniKD record's fields with draw
+    ``epoch mod K`` of ``B̂`` (``ct/*`` as stored, ``pos/*`` without the draw dimension); a FitNet record as the
+    whole maps of its image (:func:`unikd.knowledge.features.full_maps`: checked and expanded here, on the host,
+    so that the training step reads nothing back from the device)."""
 
     def __init__(self, dataset: CocoDetection, store: KnowledgeStore):
         self.dataset, self.store = dataset, store
@@ -72,8 +76,13 @@ class StoredKnowledge(Dataset):
         _, choice = self.dataset.augmentation(index)
         record = self.store.record(target["image_id"], target["flipped"], min_size_of(self.dataset, choice),
                                    image_size=tuple(image.shape[-2:]))
-        draw = self.epoch % self.store.manifest["draws"]
-        fields = {k: (v[draw] if k.startswith("pos/") else v) for k, v in record.items()}
+        manifest = self.store.manifest
+        if manifest["knowledge"] in REGIONS:
+            fields = full_maps(record, target, tuple(image.shape[-2:]), manifest["teacher"]["strides"],
+                               manifest["knowledge"])
+        else:
+            draw = self.epoch % manifest["draws"]
+            fields = {k: (v[draw] if k.startswith("pos/") else v) for k, v in record.items()}
         return image, {**target, KNOWLEDGE: fields}
 
 
@@ -81,7 +90,8 @@ def batch_knowledge(records: list[dict[str, Tensor]], device: torch.device) -> d
     """The B records of a batch as the distiller's :class:`~unikd.distill.TeacherKnowledge` per AKE, on
     ``device``, embeddings in float32: q [B, N, C], reference [B, N, 2 | 4], z [B, N, C], positive [B, N]."""
     def stack(field: str, dtype: torch.dtype | None = None) -> Tensor:
-        return torch.stack([r[field] for r in records]).to(device=device, dtype=dtype, non_blocking=True)
+        stacked = torch.stack([r[field] for r in records])
+        return to_device(stacked if dtype is None else stacked.to(dtype), device)
 
     return {
         "ct": TeacherKnowledge(Queries(stack("ct/q", torch.float32), stack("ct/reference")),
