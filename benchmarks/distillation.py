@@ -36,7 +36,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from doc_sections import replace_section
-from runner import run_job
+from runner import check_ake_file, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 # Teachers, the slowest first; the first three are the RetinaNet student's default.
@@ -80,6 +80,8 @@ def schedule(args, threads: int) -> None:
     then the UniKD runs."""
     data = ["--data", str(args.data)]
     runs, results = student_folder(args.runs, args.student), student_folder(args.results, args.student)
+    for fam in args.families:
+        check_ake_file(args.runs / f"ake_{fam}" / "ake.safetensors")
     with ThreadPoolExecutor(args.jobs) as pool:
         akes: dict[str, Future] = {}
 

@@ -10,7 +10,7 @@ Needs the finished teacher (``TEACHERS/retinanet_r50_teacher/last.pt``) of ``ben
 each resumable (run the same command again after a kill):
 
 - stage 1: ``unikd pretrain-ake configs/digits/ake.yaml --teacher T`` → ``RUNS/ake_retinanet`` (its own AKEs, which
-  the online and the offline runs share; AKE files written before the tensors' checksum cannot be dumped with);
+  the online and the offline runs share; an AKE file written before the tensors' checksum stops the script);
 - the dump: ``unikd dump configs/digits/distill_retinanet_r18.yaml --teacher T --ake A --draws E`` →
   ``RUNS/store_retinanet`` (float16, both flips, one draw of ``B̂`` per epoch of the student's E epochs, so that
   each epoch sees a fresh ``B̂`` as online); a killed dump is continued by the same command;
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from distillation import AKE_CONFIG, load_results, mean_std, record, student_config, teacher_checkpoint
 from doc_sections import replace_section
-from runner import UNIKD, run_job
+from runner import UNIKD, check_ake_file, run_job
 
 from unikd.config import load_config
 
@@ -61,6 +61,7 @@ def dump(args, threads: int) -> Path:
 
 
 def schedule(args, threads: int) -> None:
+    check_ake_file(args.runs / f"ake_{FAMILY}" / "ake.safetensors")
     run_job(["pretrain-ake", str(AKE_CONFIG), "--teacher", str(teacher_checkpoint(args.teachers, FAMILY)), "--data",
              str(args.data)], args.runs / f"ake_{FAMILY}", "report.json", threads * args.jobs)
     store = dump(args, threads * args.jobs)

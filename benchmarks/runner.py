@@ -1,10 +1,13 @@
 """Shared by the benchmark scripts: run one resumable ``unikd`` job in its own folder, logging to a file."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from safetensors import safe_open
 
 UNIKD = str(Path(sys.executable).with_name("unikd"))
 
@@ -24,3 +27,16 @@ def run_job(args: list[str], out: Path, done: str, threads: int) -> None:
         log.write(f"\n$ {' '.join(cmd)}\n")
         log.flush()
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def check_ake_file(path: Path) -> None:
+    """Stop now, with what to do, when an earlier stage 1 left an AKE file that unikd refuses (one written before
+    AKE files carried their tensors' checksum): :func:`run_job` would skip the finished stage and the runs that
+    need the file would fail hours later."""
+    if not path.is_file():
+        return
+    with safe_open(path, "pt") as f:
+        info = json.loads((f.metadata() or {}).get("unikd", "{}"))
+    if "tensors_sha256" not in info:
+        sys.exit(f"{path} carries no checksum of its tensors (written by an older unikd) and would be refused; "
+                 f"remove {path.parent} to pretrain the AKEs again, or give another --runs")
