@@ -65,12 +65,13 @@ def build(variant: str, num_classes: int) -> torch.nn.Module:
     return DistillationModel(student, teacher, distiller).train()
 
 
-def step_fn(model: torch.nn.Module, images, targets):
-    """One training step (forward, backward, AdamW) of ``model``, as the trainer runs it."""
+def step_fn(model: torch.nn.Module, images, targets, read=None):
+    """One training step (forward, backward, AdamW) of ``model``, as the trainer runs it: on ``images`` and
+    ``targets``, or on the batch ``read()`` returns at each step (so that the step includes the loader's work)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step():
-        out = model(images, targets)
+        out = model(*(read() if read else (images, targets)))
         losses = out[0] if isinstance(out, tuple) else out
         optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from distill_cost import step_fn
 from doc_sections import replace_section
 from storage import dump_store, fresh_teacher_and_akes
 
@@ -59,20 +60,6 @@ def build(cfg, method: str, kind: str | None, teacher: Path, ake: Path, stores: 
         return model.train(), train_set
     model, _, data = jobs._offline_model(cfg, stores[kind], ake if method == "unikd" else None, student, train_set)
     return model.train(), data
-
-
-def step_fn(model, data, batch_size: int):
-    """One trainer step: the batch read from ``data``, forward, backward, AdamW."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step():
-        images, targets = collate([data[i] for i in range(batch_size)])
-        losses = model(images, targets)
-        optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        optimizer.step()
-
-    return step
 
 
 def write(doc: Path, command: str, samples: dict[str, list[float]], args) -> None:
@@ -119,8 +106,11 @@ def main() -> None:
         stores = {kind: dump_store(CONFIG, teacher, ake, overrides, tmp / kind, kind)
                   for kind in ("unikd", "fitnet-full", "fitnet-foreground")}
         cfg = load_config(CONFIG, overrides)
-        steps = {name: step_fn(*build(cfg, method, kind, teacher, ake, stores), cfg.data.batch_size)
-                 for name, (method, kind) in VARIANTS.items()}
+        steps = {}
+        for name, (method, kind) in VARIANTS.items():
+            model, data = build(cfg, method, kind, teacher, ake, stores)
+            steps[name] = step_fn(model, None, None,
+                                  read=lambda data=data: collate([data[i] for i in range(cfg.data.batch_size)]))
         for step in steps.values():
             step()  # warm-up
         samples: dict[str, list[float]] = {name: [] for name in steps}
