@@ -3,9 +3,9 @@
 Stages, each but the first and the last one ``unikd`` job in its own folder of ``OUT``:
 
 1. ``digits-det``: the dataset, built once into ``--data``;
-2. ``teacher``: an R50 Faster R-CNN (``unikd train``);
+2. ``teacher``: an R18 Faster R-CNN with a 128-channel FPN (``unikd train``; docs/results.md says why not R50);
 3. ``ake``: the AKEs on the frozen teacher (``unikd pretrain-ake``);
-4. to 6. ``student_none``, ``student_fitnet``, ``student_unikd``: the R18 RetinaNet student alone, with
+4. to 6. ``student_none``, ``student_fitnet``, ``student_unikd``: the R18 FCOS student alone, with
    FitNet and with UniKD (``unikd distill --method ...``);
 7. ``report``: ``OUT/report/report.md`` and its figures (``unikd report OUT``).
 
@@ -47,15 +47,15 @@ class Scale:
 
 
 # The demo's scale: docs/results.md ("The demo's scale") gives the step times and the estimate behind it.
-DEMO = Scale(size=96, n_train=800, n_val=200, teacher_epochs=2, ake_epochs=2, student_epochs=2)
+DEMO = Scale(size=96, n_train=800, n_val=200, teacher_epochs=4, ake_epochs=4, student_epochs=4)
 QUICK = Scale(size=64, n_train=8, n_val=4, teacher_epochs=1, ake_epochs=1, student_epochs=1, batch_size=4,
               small_models=True)
 
-# Settings by role, as dotted config keys, from the digits-det configs (configs/digits/); the warm-up is the same
-# share of a shorter schedule (25 of 200 iterations, there 100 of 750).
+# Settings by role, as dotted config keys, from the digits-det configs (configs/digits/); a shorter warm-up for the
+# shorter schedules (25 iterations of 400; the configs: 100 of 750).
 SCHEDULE = {"train.optimizer": "adamw", "train.lr": 1e-3, "train.warmup_iters": 25, "train.log_every": 10}
 TEACHER = {
-    "name": "demo-teacher-faster_rcnn-r50", "model.family": "faster_rcnn", "model.backbone": "resnet50",
+    "name": "demo-teacher-faster_rcnn-r18", "model.family": "faster_rcnn", "model.backbone": "resnet18",
     "model.fpn_channels": 128, "model.anchor_sizes": [8, 16, 32, 64, 128],
     "model.rpn_pre_nms_top_n": 300, "model.rpn_post_nms_top_n": 100,
     "model.rpn_batch_size_per_image": 128,
@@ -64,8 +64,8 @@ TEACHER = {
 AKE = {"name": "demo-ake", "ake.d_model": 128, "ake.n_queries": 100, "ake.d_ffn": 512, "train.lr": 4e-4,
        "train.grad_clip": 0.1}
 STUDENT = {
-    "model.family": "retinanet", "model.backbone": "resnet18", "model.fpn_channels": 64,
-    "model.anchor_sizes": [16, 32, 64, 128, 256],
+    "model.family": "fcos", "model.backbone": "resnet18", "model.fpn_channels": 64,
+    "model.anchor_sizes": [4, 8, 16, 32, 64],  # configs/digits/fcos_r18_student.yaml
     "distill.lambda_ct": 0.5, "distill.lambda_pos": 0.5, "distill.fitnet_weight": 0.2,
 }
 SMALL = {  # scale.small_models
@@ -155,11 +155,11 @@ def plan(out: Path, data_root: Path, scale: Scale, seed: int = 0) -> list[Stage]
                      run=lambda resume: fn(C.load_config(cfg_path), folder, resume, resume is None))
 
     stages = [_digits_stage(data_root, scale),
-              job("teacher", "teacher: R50 Faster R-CNN", ["train"], "eval.json", jobs.train_detector),
+              job("teacher", "teacher: R18 Faster R-CNN (128-channel FPN)", ["train"], "eval.json", jobs.train_detector),
               job("ake", "AKE pretraining (UniKD stage 1)", ["pretrain-ake", "--teacher", str(teacher)], "report.json",
                   lambda cfg, folder, resume, fresh: jobs.pretrain_ake(cfg, teacher, folder, resume, fresh))]
-    titles = {"none": "R18 RetinaNet student alone", "fitnet": "R18 RetinaNet student with FitNet",
-              "unikd": "R18 RetinaNet student with UniKD (stage 2)"}
+    titles = {"none": "R18 FCOS student alone", "fitnet": "R18 FCOS student with FitNet",
+              "unikd": "R18 FCOS student with UniKD (stage 2)"}
     for method in METHODS:
         ake_args = ["--ake", str(ake)] if method == "unikd" else []
         stages.append(job(f"student_{method}", titles[method],
