@@ -25,11 +25,10 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from distill_cost import step_fn
+from distill_cost import step_fn, time_steps
 from doc_sections import replace_section
 from storage import dump_store, fresh_teacher_and_akes
 
@@ -116,10 +115,7 @@ def main() -> None:
         samples: dict[str, list[float]] = {name: [] for name in steps}
         for r in range(args.rounds):
             for name, step in steps.items():
-                tic = time.perf_counter()
-                for _ in range(args.steps):
-                    step()
-                samples[name].append((time.perf_counter() - tic) / args.steps)
+                samples[name].append(time_steps(step, args.steps, torch.device("cpu")))
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {s[-1]:.3f}s" for n, s in samples.items()),
                   flush=True)
     write(args.doc, "python benchmarks/offline_cost.py " + " ".join(sys.argv[1:]), samples, args)
