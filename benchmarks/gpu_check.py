@@ -44,13 +44,16 @@ from unikd.config import AKEConfig, DetectorConfig, DistillConfig, TrainConfig
 from unikd.detectors import build_detector
 from unikd.distill import AbsorbModel, DistillationModel, KnowledgeExtractors, build_distiller
 from unikd.distill.adaptor import Adaptor
+from unikd.distill.common import B_HAT
 from unikd.engine.trainer import Trainer
+from unikd.knowledge.seeded_boxes import seeded_query_boxes
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 80
 TEACHERS = ("retinanet", "faster_rcnn")
 # mmdetection's RetinaNet anchors (octave base scale 4 × strides 8..128); FCOS-style families ignore them.
 ANCHORS = [32, 64, 128, 256, 512]
+AKES = AKEConfig(d_model=256, n_queries=200)  # the paper's C and N
 
 
 def variants() -> list[str]:
@@ -73,7 +76,7 @@ def build(variant: str) -> torch.nn.Module:
     teacher = detector(fam, "resnet50")
     if kind == "teacher":
         return teacher
-    akes = KnowledgeExtractors(AKEConfig(d_model=256, n_queries=200), len(teacher.feature_strides),
+    akes = KnowledgeExtractors(AKES, len(teacher.feature_strides),
                                teacher.feature_channels[0], NUM_CLASSES)
     if kind == "stage1":
         return AbsorbModel(teacher, akes)
@@ -100,6 +103,17 @@ def synthetic_batch(short: int, long: int, seed: int = 0) -> list[tuple[torch.Te
                   "image_id": len(samples)}
         samples.append((image.clamp(0, 1), target))
     return samples
+
+
+def with_query_boxes(samples: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
+    """The samples with the ``B̂`` (N = 200) that the training data loader draws for them in epoch 0
+    (:mod:`unikd.knowledge.seeded_boxes`), as stage 1 and online UniKD receive them."""
+    out = []
+    for image, target in samples:
+        boxes, gt_index = seeded_query_boxes(target, tuple(image.shape[-2:]), (target["image_id"], False, None),
+                                             AKES.n_queries, AKES.alpha, AKES.beta, seed=0, draw=0)
+        out.append((image, {**target, B_HAT[0]: boxes, B_HAT[1]: gt_index}))
+    return out
 
 
 def collate(samples):
@@ -162,6 +176,8 @@ def amp_against_fp32(model, images, targets, device, rtol: float, atol: float) -
 def check_variant(variant: str, args, device: torch.device, samples) -> dict:
     torch.manual_seed(0)
     model = build(variant)
+    if variant.partition(":")[0] in ("stage1", "unikd"):
+        samples = with_query_boxes(samples)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(epochs=1, optimizer="adamw", lr=1e-4, warmup_iters=0, amp=True, device=str(device))
         trainer = Trainer(model, samples, collate, cfg, batch_size=len(samples), out_dir=tmp, device=device)

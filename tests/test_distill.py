@@ -15,7 +15,7 @@ from unikd.detectors import build_detector
 from unikd.distill import (METHODS, AbsorbModel, Adaptor, AKEMismatchError, DistillationModel, Distiller, FitNet,
                            KnowledgeExtractors, Levels, UniKD, build_distiller, foreground_mask, knowledge_distance,
                            load_ake, nearest_levels, register_method, resample_level, save_ake, teacher_fingerprint)
-from unikd.distill.common import known_assignment, normalise_targets, query_boxes
+from unikd.distill.common import B_HAT, known_assignment, normalise_targets, query_boxes
 from unikd.pyramid import Pyramid
 from unikd.transformer import HungarianMatcher, Memory, sine_position_embedding
 
@@ -154,6 +154,52 @@ def test_query_boxes_come_from_the_generator_given_and_leave_the_global_rng_alon
     other = query_boxes(gts, 8, 0.6, 0.4, torch.Generator().manual_seed(6))
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
     assert not torch.equal(first[0], other[0])
+
+
+def with_loaders_b_hat(targets: list[dict], sizes: list[tuple[int, int]], n: int, seed: int) -> list[dict]:
+    """``targets`` carrying a ``B̂`` of ``n`` boxes per image as the data loader puts it there (B_HAT keys, each
+    image's from its own generator)."""
+    out = []
+    for i, (t, size) in enumerate(zip(targets, sizes)):
+        boxes, gt_index = query_boxes(normalise_targets([t], [size]), n, 0.6, 0.4,
+                                      torch.Generator().manual_seed(seed + i))
+        out.append({**t, B_HAT[0]: boxes[0], B_HAT[1]: gt_index[0]})
+    return out
+
+
+def test_a_b_hat_the_loader_drew_is_used_as_it_is_in_both_stages_and_the_global_rng_is_not_read(pair):
+    """Targets that carry ``B̂`` (the data loader's, :mod:`unikd.knowledge.seeded_boxes`) give the positional
+    queries exactly those boxes and positives, in stage 2 and stage 1, whatever the global RNG; targets without
+    it draw from the global RNG (so the losses move with it); a ``B̂`` of another size than the AKE's N is refused."""
+    teacher, student, _ = pair
+    images, targets = batch()
+    sizes = [tuple(im.shape[-2:]) for im in images]
+    drawn = with_loaders_b_hat(targets, sizes, SMALL_AKE.n_queries, seed=3)
+    distiller = unikd(pair)
+    with torch.no_grad():
+        pyramid, student_pyramid = teacher.extract_features(images), student.extract_features(images)
+    knowledge = distiller.teacher_knowledge(pyramid, drawn)["pos"]
+    torch.testing.assert_close(knowledge.queries.reference, torch.stack([t[B_HAT[0]] for t in drawn]))
+    assert torch.equal(knowledge.positive, torch.stack([t[B_HAT[1]] for t in drawn]) >= 0)
+
+    def stage2(targets, seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return distiller.loss(pyramid, student_pyramid, targets)["loss_kd_pos"]
+
+    fresh = KnowledgeExtractors(SMALL_AKE, len(teacher.feature_strides), 64, NUM_CLASSES)
+
+    def stage1(targets, seed):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            losses = AbsorbModel(teacher, fresh).train()(images, targets)
+        return torch.stack([v for k, v in losses.items() if k.startswith("pos_")])
+
+    for losses in (stage2, stage1):
+        assert torch.equal(losses(drawn, 0), losses(drawn, 1)), losses.__name__
+        assert not torch.equal(losses(targets, 0), losses(targets, 1)), losses.__name__
+    with pytest.raises(ValueError, match="the data loader drew 5 query boxes per image; the AKE has 12 queries"):
+        distiller.teacher_knowledge(pyramid, with_loaders_b_hat(targets, sizes, 5, seed=3))
 
 
 def test_query_boxes_lie_in_the_images_own_region_at_the_configured_alpha_and_beta(pair):
@@ -617,8 +663,8 @@ def test_stage1_passes_alpha_and_beta_to_the_sampler(pair, monkeypatch):
     import unikd.distill.absorb as absorb
 
     seen = []
-    original = absorb.query_boxes
-    monkeypatch.setattr(absorb, "query_boxes", lambda *a: seen.append(a[2:]) or original(*a))
+    original = absorb.batch_query_boxes
+    monkeypatch.setattr(absorb, "batch_query_boxes", lambda *a: seen.append(a[3:]) or original(*a))
     akes.cfg.alpha, akes.cfg.beta = 0.7, 0.2
     try:
         AbsorbModel(teacher, akes).train()(*batch())

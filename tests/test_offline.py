@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torchvision.ops import box_convert, box_iou
 
 from unikd import cli, jobs
 from unikd.data import CocoDetection, ImageResize, collate
 from unikd.distill import load_ake, measure_teacher_rms, teacher_fingerprint
+from unikd.distill.common import B_HAT, normalise_targets
 from unikd.distill.unikd import teacher_knowledge
 from unikd.errors import CorruptFileError
-from unikd.knowledge import KnowledgeStore, KnowledgeStoreError, StoredKnowledge, verify_store
+from unikd.knowledge import KnowledgeStore, KnowledgeStoreError, SeededQueryBoxes, StoredKnowledge, verify_store
 from unikd.knowledge.features import feature_fields, feature_records, full_maps
 from unikd.knowledge.manifest import VERSION, expected_keys, field_specs
 from unikd.knowledge.shards import SHARDS, ShardWriter
@@ -239,6 +241,60 @@ def test_offline_distillation_loads_no_teacher_and_gives_the_online_loss(offline
     assert store.manifest["draws"] == 2 and data.epoch == 0
 
 
+def test_the_loaders_b_hat_is_drawn_from_each_samples_augmented_boxes_with_its_own_seed(offline):
+    """:class:`SeededQueryBoxes`: each sample's ``B̂`` (N boxes cxcywh normalised, gt_index) is Eq. 3's for the boxes
+    of the sample as served (flipped or not): jittered boxes with IoU > α with their ground truth, the rest below β
+    with all; the same item twice gives the same boxes, another epoch other boxes."""
+    data = SeededQueryBoxes(train_set(offline), 10, 0.6, 0.4, seed=0)
+    flips = set()
+    draws = {}
+    for epoch in (0, 1):
+        data.set_epoch(epoch)
+        for i in range(len(data)):
+            image, target = data[i]
+            flips.add(target["flipped"])
+            gt = normalise_targets([target], [tuple(image.shape[-2:])])[0]["boxes_xyxy"]
+            boxes, gt_index = box_convert(target[B_HAT[0]], "cxcywh", "xyxy"), target[B_HAT[1]]
+            positive = gt_index >= 0
+            assert boxes.shape == (10, 4) and positive.sum() == min(len(gt), 10)
+            assert (box_iou(boxes[positive], gt[gt_index[positive]]).diag() > 0.6).all()
+            assert (box_iou(boxes[~positive], gt).amax(dim=1) < 0.4).all()
+            assert torch.equal(data[i][1][B_HAT[0]], target[B_HAT[0]])
+            draws[epoch, i] = target[B_HAT[0]]
+    assert flips == {False, True}
+    assert not any(torch.equal(draws[0, i], draws[1, i]) for i in range(len(data)))
+
+
+def test_online_unikd_draws_the_stores_b_hat_in_its_first_epochs_and_gives_the_offline_loss(offline):
+    """Online stage 2 draws ``B̂`` in the data loader from the store's seeded generators: in epoch ``e`` below the
+    store's K draws each sample's ``B̂`` is the store's draw ``e``, and with the same weights the online model's
+    KD losses on a batch equal the offline model's (fp32 store); from epoch K on, online draws afresh while the
+    store repeats its draws."""
+    cfg = tiny_config(yaml.safe_load(offline["yaml"].read_text())["data"]["root"], epochs=1)
+    cfg.distill.adaptor_heads, cfg.distill.adaptor_points = 4, 2
+    classes = train_set(offline).num_classes
+    stored, _, stored_data = jobs._offline_model(cfg, offline["fp32"], offline["ake"],
+                                                 jobs.build_detector(cfg.model, classes), train_set(offline))
+    online, _, online_data = jobs._online_model(cfg, offline["teacher"], offline["ake"],
+                                                jobs.build_detector(cfg.model, classes), train_set(offline), "cpu")
+    online.load_state_dict(stored.state_dict())
+    stored.train(), online.train()
+    for epoch in range(3):
+        stored_data.set_epoch(epoch), online_data.set_epoch(epoch)
+        batches = collate([online_data[i] for i in range(4)]), collate([stored_data[i] for i in range(4)])
+        same = [torch.equal(a[B_HAT[0]], b["knowledge"]["pos/reference"])
+                and torch.equal(a[B_HAT[1]], b["knowledge"]["pos/gt_index"])
+                for a, b in zip(batches[0][1], batches[1][1])]
+        assert same == [epoch < 2] * 4, epoch
+        if epoch < 2:
+            losses = []
+            for model, (images, targets) in zip((online, stored), batches):
+                torch.manual_seed(0)
+                losses.append(model(images, targets))
+            for name in ("loss_kd_ct", "loss_kd_pos"):
+                assert losses[0][name].item() == pytest.approx(losses[1][name].item(), rel=1e-5), (epoch, name)
+
+
 def test_a_variant_that_was_not_stored_is_refused(offline, tmp_path, capsys):
     out = tmp_path / "unflipped"
     assert dump(offline, out, "--set", "data.hflip=0") == 0
@@ -451,12 +507,13 @@ def test_a_store_of_the_wrong_kind_or_variant_is_refused(offline, tmp_path, caps
         full_maps(full, target, (32, 64), strides, "fitnet-full")
 
 
-def test_offline_stage_2_reads_nothing_back_from_the_device_and_online_unikd_only_to_match_and_sample(offline):
+def test_offline_stage_2_reads_nothing_back_from_the_device_and_online_unikd_only_to_match(offline):
     """The host reads of device tensors (:mod:`host_reads`: syncs on a GPU) in unikd's own code in one stage-2
     forward on a batch moved as the trainer moves it: none offline, UniKD from its store and FitNet from a
-    foreground store (expanded by the loader, not in the step); online UniKD reads twice, once for ``B̂``'s sampler
-    (the batch's ground truth, in one copy) and once for the Hungarian matcher of the content positives (the cost
-    matrix), as docs/benchmarks.md says."""
+    foreground store (expanded by the loader, not in the step); online UniKD, whose data loader draws ``B̂``, reads
+    once, for the Hungarian matcher of the content positives (the cost matrix), as docs/benchmarks.md says; on
+    targets without ``B̂`` (a library user's own loop) once more, for ``B̂``'s sampler (the batch's ground truth, in
+    one copy)."""
     def forward(model, batch):
         images, targets = batch
         with HostReads() as reads:
@@ -478,9 +535,12 @@ def test_offline_stage_2_reads_nothing_back_from_the_device_and_online_unikd_onl
         assert reads.files("torchvision"), "the student's own losses read (torchvision's anchor matching)"
     cfg.distill.method = "unikd"
     student = jobs.build_detector(cfg.model, train_set(offline).num_classes)
-    model, _, _ = jobs._online_model(cfg, offline["teacher"], offline["ake"], student, train_set(offline), "cpu")
-    losses, reads = forward(model, collate([train_set(offline)[i] for i in range(4)]))
+    model, _, data = jobs._online_model(cfg, offline["teacher"], offline["ake"], student, train_set(offline), "cpu")
+    losses, reads = forward(model, collate([data[i] for i in range(4)]))
     assert losses["loss_kd_ct"] > 0
+    ours = {site: n for site, n in reads.sites.items() if site.startswith("unikd/")}
+    assert reads.files() == {"unikd/transformer/matcher.py"} and sum(ours.values()) == 1, ours  # B̂ came with it
+    _, reads = forward(model, collate([train_set(offline)[i] for i in range(4)]))  # targets without B̂
     ours = {site: n for site, n in reads.sites.items() if site.startswith("unikd/")}
     assert reads.files() == {"unikd/distill/common.py", "unikd/transformer/matcher.py"}, ours
     assert sum(ours.values()) == 2, ours  # once per batch each: the ground truth's copy and the cost matrix's

@@ -27,8 +27,9 @@ from .engine.trainer import Trainer, TrainState
 from .errors import OutputError, UserError
 from .evaluation import evaluate_detector
 from .knowledge import (KNOWLEDGE, REGIONS, KnowledgeStore, KnowledgeStoreError, OfflineDistillationModel,
-                        StoredKnowledge, ake_entry, check_store_fits, dump_manifest, dump_records, feature_fields,
-                        feature_records, prepare_store, store_summary, stored_pyramid, unikd_records, unikd_teacher)
+                        SeededQueryBoxes, StoredKnowledge, ake_entry, check_store_fits, dump_manifest, dump_records,
+                        feature_fields, feature_records, prepare_store, store_summary, stored_pyramid, unikd_records,
+                        unikd_teacher)
 from .knowledge.manifest import DTYPES, field_specs
 from .transformer import HungarianMatcher
 
@@ -152,7 +153,7 @@ def pretrain_ake(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, out_di
                                train_set.num_classes)
     akes.teacher_rms.copy_(_teacher_rms(teacher, train_set, cfg, device))
     trainer, metrics = _fit(cfg, AbsorbModel(teacher, akes), train_set, val_set, device, out_dir, resume,
-                            meta={"teacher": fingerprint})
+                            meta={"teacher": fingerprint}, train_data=_with_query_boxes(train_set, akes, cfg))
     seconds, teacher_seconds = trainer.state.train_seconds, tckpt["train_state"]["train_seconds"]
     report = {"ake_val": metrics, "teacher": str(teacher_checkpoint), "teacher_rms": akes.teacher_rms.tolist(),
               "ake_train_seconds": seconds,
@@ -200,7 +201,8 @@ def _akes_for(method: str, ake_path: str | Path | None, fingerprint: dict):
 
 
 def _online_model(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, ake_path, student, train_set, device):
-    """The model of stage 2 with the teacher in memory. Returns ``(model, teacher fingerprint, None)``."""
+    """The model of stage 2 with the teacher in memory. Returns ``(model, teacher fingerprint, what the trainer
+    iterates)``: the training set, with each sample's ``B̂`` for UniKD."""
     teacher, tcfg, _ = _load_teacher(teacher_checkpoint, cfg, train_set, device)
     fingerprint = teacher_fingerprint(teacher, tcfg.model)
     method = method_class(cfg.distill.method)
@@ -210,7 +212,15 @@ def _online_model(cfg: C.ExperimentConfig, teacher_checkpoint: str | Path, ake_p
     elif method is not None:
         teacher_rms = _teacher_rms(teacher, train_set, cfg, device)
     distiller = build_distiller(cfg.distill.method, cfg.distill, student, teacher, teacher_rms, akes)
-    return DistillationModel(student, teacher if distiller is not None else None, distiller), fingerprint, None
+    train_data = None if akes is None else _with_query_boxes(train_set, akes, cfg)
+    return DistillationModel(student, teacher if distiller is not None else None, distiller), fingerprint, train_data
+
+
+def _with_query_boxes(train_set: CocoDetection, akes: KnowledgeExtractors,
+                      cfg: C.ExperimentConfig) -> SeededQueryBoxes:
+    """The training set with each sample's ``B̂`` for the positional AKE, drawn in the data loader from the
+    sample's seeded generator (:mod:`unikd.knowledge.seeded_boxes`)."""
+    return SeededQueryBoxes(train_set, akes.cfg.n_queries, akes.cfg.alpha, akes.cfg.beta, cfg.train.seed)
 
 
 def _offline_model(cfg: C.ExperimentConfig, store_path: str | Path, ake_path, student, train_set):

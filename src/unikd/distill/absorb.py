@@ -11,7 +11,7 @@ from unikd.pyramid import Pyramid
 from unikd.transformer import HungarianMatcher, set_loss
 
 from .ake import KnowledgeExtractors
-from .common import Frozen, WithFrozenTeacher, known_assignment, normalise_targets, query_boxes
+from .common import Frozen, WithFrozenTeacher, batch_query_boxes, known_assignment, normalise_targets
 
 
 class AbsorbModel(WithFrozenTeacher):
@@ -49,7 +49,7 @@ class AbsorbModel(WithFrozenTeacher):
         losses.update({f"ct_{k}": v for k, v in set_loss(logits, boxes, gts, indices, num_boxes).items()})
 
         pos = self.akes.pos
-        b_hat, gt_index = query_boxes(gts, pos.n_queries, self.akes.cfg.alpha, self.akes.cfg.beta)
+        b_hat, gt_index = batch_query_boxes(targets, gts, pos.n_queries, self.akes.cfg.alpha, self.akes.cfg.beta)
         queries = pos.queries(memory, b_hat)
         logits, boxes = pos.predict(pos.extract(queries, memory), queries)
         num_pos = D.mean_over_ranks(sum(min(len(t["labels"]), pos.n_queries) for t in gts), device)  # B̂ keeps ≤ N

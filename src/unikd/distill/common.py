@@ -44,6 +44,9 @@ def normalise_targets(targets: list[dict[str, Tensor]],
     return out
 
 
+B_HAT = ("b_hat_boxes", "b_hat_gt_index")  # target keys of a B̂ the data loader drew (unikd.knowledge.seeded_boxes)
+
+
 def query_boxes(targets: list[dict[str, Tensor]], n: int, alpha: float, beta: float,
                 generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """``B̂`` for a batch of normalised targets: boxes [B, N, 4] cxcywh in each image's normalised coordinates
@@ -55,6 +58,19 @@ def query_boxes(targets: list[dict[str, Tensor]], n: int, alpha: float, beta: fl
     boxes, gt_index = sample_query_boxes_batch(list(gt), n, alpha, beta, generator)
     device = targets[0]["labels"].device
     return to_device(box_convert(boxes, "xyxy", "cxcywh"), device), to_device(gt_index, device)
+
+
+def batch_query_boxes(targets: list[dict[str, Tensor]], gts: list[dict[str, Tensor]], n: int, alpha: float,
+                      beta: float) -> tuple[Tensor, Tensor]:
+    """``B̂`` of a batch (boxes [B, N, 4] cxcywh normalised, gt_index [B, N]): the one the data loader drew when
+    every target carries it (:data:`B_HAT`, nothing read back from the device), else drawn here from the
+    normalised ``gts`` with the global RNG (:func:`query_boxes`, one read back)."""
+    if all(B_HAT[0] in t for t in targets):
+        boxes, gt_index = (torch.stack([t[key] for t in targets]) for key in B_HAT)
+        if boxes.shape[1] != n:
+            raise ValueError(f"the data loader drew {boxes.shape[1]} query boxes per image; the AKE has {n} queries")
+        return boxes, gt_index
+    return query_boxes(gts, n, alpha, beta)
 
 
 def known_assignment(gt_index: Tensor) -> list[tuple[Tensor, Tensor]]:

@@ -13,7 +13,7 @@ from unikd.transformer import HungarianMatcher
 
 from .ake import AKE, KnowledgeExtractors, Queries
 from .base import Distiller, Levels
-from .common import normalise_targets, query_boxes
+from .common import batch_query_boxes, normalise_targets
 from .registry import register_method
 
 QUERY_SETS = {"both": ("ct", "pos"), "content": ("ct",), "positional": ("pos",)}
@@ -52,8 +52,8 @@ def teacher_knowledge(akes: KnowledgeExtractors, teacher: Pyramid, targets: list
                       b_hat: tuple[Tensor, Tensor] | None = None) -> dict[str, TeacherKnowledge]:
     """The teacher's side of stage 2: queries, ``z_T`` and positives of each AKE in ``kinds`` ("ct", "pos"), from
     the teacher pyramid and the targets (image pixels), with the frozen ``akes``. ``b_hat``: ``(boxes [B, N, 4]
-    cxcywh, gt_index [B, N])`` to use as ``B̂`` instead of drawing it from the global RNG. Per image: a sample's
-    knowledge does not depend on its batch-mates (what ``unikd dump`` stores is this, image by image)."""
+    cxcywh, gt_index [B, N])`` to use as ``B̂`` instead of the targets' (:func:`batch_query_boxes`). Per image: a
+    sample's knowledge does not depend on its batch-mates (what ``unikd dump`` stores is this, image by image)."""
     memory = akes.teacher_memory(teacher)
     gts = normalise_targets(targets, teacher.image_sizes)
     knowledge = {}
@@ -68,7 +68,7 @@ def teacher_knowledge(akes: KnowledgeExtractors, teacher: Pyramid, targets: list
                 positive[i, query] = True
             positive = to_device(positive, z_t.device)
         else:
-            boxes, gt_index = b_hat or query_boxes(gts, ake.n_queries, akes.cfg.alpha, akes.cfg.beta)
+            boxes, gt_index = b_hat or batch_query_boxes(targets, gts, ake.n_queries, akes.cfg.alpha, akes.cfg.beta)
             queries = ake.queries(memory, boxes)
             z_t = ake.extract(queries, memory)
             positive = gt_index >= 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -24,7 +23,6 @@ from torch.utils.data import DataLoader, Dataset
 from unikd.categories import dataset_categories
 from unikd.data import CocoDetection, ImageResize, collate
 from unikd.distill import KnowledgeExtractors
-from unikd.distill.common import normalise_targets, query_boxes
 from unikd.distill.unikd import TeacherKnowledge, teacher_knowledge
 from unikd.engine import distributed as D
 from unikd.engine.progress import progress
@@ -34,6 +32,7 @@ from unikd.transformer import HungarianMatcher
 
 from .manifest import (KINDS, MANIFEST, KnowledgeStoreError, expected_keys, manifest_differences, new_manifest,
                        read_manifest, variant_key, write_manifest)
+from .seeded_boxes import min_size_of, seeded_query_boxes
 from .shards import SHARDS, ShardWriter, read_indexes, uncommitted
 
 
@@ -41,11 +40,6 @@ def variants(dataset: CocoDetection) -> list[tuple[bool, int]]:
     """Every augmentation the training can draw: ``(flipped, scale choice)`` pairs."""
     flips = (False, True) if dataset.hflip > 0 else (False,)
     return [(flip, choice) for flip in flips for choice in range(dataset.resize.choices)]
-
-
-def min_size_of(dataset: CocoDetection, choice: int) -> int | None:
-    """The shorter side of scale ``choice`` of the dataset's resize (None under a longer-side rule)."""
-    return dataset.resize.min_sizes[choice] if dataset.resize.min_sizes else None
 
 
 def resize_spec(resize: ImageResize) -> dict:
@@ -112,20 +106,14 @@ def prepare_store(root: Path, manifest: dict, overwrite: bool) -> None:
     D.barrier()
 
 
-def record_seed(seed: int, key: tuple[int, bool, int | None], draw: int) -> int:
-    """The seed of ``B̂`` draw ``draw`` of a record."""
-    image_id, hflip, min_size = key
-    return int(np.random.SeedSequence([seed, image_id, int(hflip), min_size or 0, draw]).generate_state(1)[0])
-
-
 def seeded_b_hat(targets: list[dict], image_sizes: list[tuple[int, int]], akes: KnowledgeExtractors, seed: int,
                  draw: int) -> tuple[Tensor, Tensor]:
-    """``B̂`` of a batch, each image's from its own seeded generator: (boxes [B, N, 4] cxcywh, gt_index [B, N])."""
+    """``B̂`` of a batch, each image's from its own seeded generator (:func:`seeded_query_boxes`):
+    (boxes [B, N, 4] cxcywh, gt_index [B, N])."""
     cfg = akes.cfg
-    per_image = [query_boxes([gt], cfg.n_queries, cfg.alpha, cfg.beta, torch.Generator().manual_seed(
-        record_seed(seed, variant_key(t["image_id"], t["flipped"], t["min_size"]), draw)))
-        for gt, t in zip(normalise_targets(targets, image_sizes), targets)]
-    return torch.cat([b for b, _ in per_image]), torch.cat([g for _, g in per_image])
+    per_image = [seeded_query_boxes(t, size, variant_key(t["image_id"], t["flipped"], t["min_size"]), cfg.n_queries,
+                                    cfg.alpha, cfg.beta, seed, draw) for t, size in zip(targets, image_sizes)]
+    return torch.stack([b for b, _ in per_image]), torch.stack([g for _, g in per_image])
 
 
 def record_fields(content: TeacherKnowledge, positional: list[TeacherKnowledge], gt_index: list[Tensor], i: int,

@@ -21,9 +21,10 @@ from unikd.distill.ake import Queries
 from unikd.host_copy import to_device
 from unikd.pyramid import Pyramid
 
-from .dump import min_size_of, resize_spec, variants
+from .dump import resize_spec, variants
 from .features import REGIONS, full_maps
 from .manifest import KnowledgeStoreError
+from .seeded_boxes import min_size_of
 from .store import KnowledgeStore
 
 KNOWLEDGE = "knowledge"  # the target key that carries a sample's record
