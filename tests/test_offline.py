@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -17,11 +18,11 @@ from torchvision.ops import box_convert, box_iou
 from unikd import cli, jobs
 from unikd.data import CocoDetection, ImageResize, collate
 from unikd.distill import load_ake, measure_teacher_rms, teacher_fingerprint
-from unikd.distill.common import B_HAT, normalise_targets
+from unikd.distill.common import B_HAT, normalise_targets, query_boxes
 from unikd.distill.unikd import teacher_knowledge
 from unikd.errors import CorruptFileError
 from unikd.knowledge import KnowledgeStore, KnowledgeStoreError, SeededQueryBoxes, StoredKnowledge, verify_store
-from unikd.knowledge.features import feature_fields, feature_records, full_maps
+from unikd.knowledge.features import feature_fields, feature_records, full_maps, stored_pyramid
 from unikd.knowledge.manifest import VERSION, expected_keys, field_specs
 from unikd.knowledge.shards import SHARDS, ShardWriter
 from unikd.pyramid import Pyramid
@@ -263,6 +264,26 @@ def test_the_loaders_b_hat_is_drawn_from_each_samples_augmented_boxes_with_its_o
             draws[epoch, i] = target[B_HAT[0]]
     assert flips == {False, True}
     assert not any(torch.equal(draws[0, i], draws[1, i]) for i in range(len(data)))
+    assert all(torch.equal(SeededQueryBoxes(train_set(offline), 10, 0.6, 0.4, seed=0)[i][1][B_HAT[0]], draws[0, i])
+               for i in range(len(data)))  # a fresh one serves epoch 0
+
+    # Under a multi-scale rule each draw is seeded by (seed, image, flip, shorter side, epoch), computed here apart
+    root = yaml.safe_load(offline["yaml"].read_text())["data"]["root"]
+    scales = CocoDetection(root, "train", ImageResize(64, (40, 56)), hflip=0.5, seed=3)
+    data = SeededQueryBoxes(scales, 10, 0.6, 0.4, seed=7)
+    drawn_at = set()
+    for epoch in (0, 1, 2):
+        data.set_epoch(epoch)
+        for i in range(len(data)):
+            image, target = data[i]
+            min_size = min(image.shape[-2:])
+            drawn_at.add(min_size)
+            state = np.random.SeedSequence([7, target["image_id"], int(target["flipped"]), min_size, epoch])
+            generator = torch.Generator().manual_seed(int(state.generate_state(1)[0]))
+            gts = normalise_targets([target], [tuple(image.shape[-2:])])
+            boxes, gt_index = query_boxes(gts, 10, 0.6, 0.4, generator)
+            assert torch.equal(target[B_HAT[0]], boxes[0]) and torch.equal(target[B_HAT[1]], gt_index[0])
+    assert drawn_at == {40, 56}
 
 
 def test_online_unikd_draws_the_stores_b_hat_in_its_first_epochs_and_gives_the_offline_loss(offline):
@@ -388,9 +409,16 @@ def test_feature_records_round_trip_exactly_with_their_own_sizes(tmp_path):
                                 "image_size": list(size)}
                 writer.add(augmentation, record)
             store = KnowledgeStore(root)
-            for target, record in zip(targets, records):
+            for i, (target, size, record) in enumerate(zip(targets, sizes, records)):
                 read = store.record(target["image_id"], False, None)
                 assert all(torch.equal(read[k], v) and read[k].dtype == v.dtype for k, v in record.items())
+                if knowledge == "fitnet-full":  # a batch of one image: its own maps, in float32
+                    alone = stored_pyramid([full_maps(read, target, size, strides, knowledge)], [size], strides,
+                                           torch.device("cpu"))
+                    for level, original, (h, w) in zip(alone.levels, pyramid.levels, pyramid.valid_cells()[i]):
+                        assert level.dtype == torch.float32
+                        expected = original[i:i + 1, :, :h, :w].to(getattr(torch, dtype)).float()
+                        assert torch.equal(level[..., :h, :w], expected)
             assert verify_store(root)[0] == []
 
 
@@ -499,7 +527,7 @@ def test_a_store_of_the_wrong_kind_or_variant_is_refused(offline, tmp_path, caps
     full_maps(record, target, size, strides, "fitnet-foreground")
     moved = {**target, "boxes": target["boxes"] * 0.5}
     with pytest.raises(KnowledgeStoreError, match=f"stored foreground of image .* has {record['level0'].shape[-1]} "
-                       "cells on level 0, its boxes"):
+                       "cells on level 0, its boxes \\d+: not the image and boxes it was dumped from"):
         full_maps(record, moved, size, strides, "fitnet-foreground")
     full = KnowledgeStore(fitnet_store(offline, "fitnet-full")).record(target["image_id"], False, None)
     with pytest.raises(KnowledgeStoreError, match=f"the stored features of image {target['image_id']} cover \\[8, 8\\] "
