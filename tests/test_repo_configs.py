@@ -29,7 +29,7 @@ def test_every_config_validates_and_builds_its_detector(path):
     assert cfg.model.backbone == BACKBONES[tag]
 
 
-@pytest.mark.parametrize("student", ["retinanet", "deformable_detr", "atss"])  # issue 8's pairs' students
+@pytest.mark.parametrize("student", ["retinanet", "atss", "faster_rcnn", "fcos", "reppoints", "deformable_detr"])
 def test_stage_configs_validate_and_match_the_student_baseline(student):
     names = {p.stem for p in ALL_CONFIGS}
     assert {"ake", f"distill_{student}_r18"} <= names
