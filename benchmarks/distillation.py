@@ -50,8 +50,8 @@ TITLES = {"retinanet": "RetinaNet", "deformable_detr": "Deformable DETR", "atss"
 RESULTS = ROOT / "benchmarks" / "results" / "distillation"
 
 
-def student_config(student: str) -> Path:
-    return DIGITS / f"distill_{student}_r18.yaml"
+def student_config(student: str, configs: Path = DIGITS) -> Path:
+    return configs / f"distill_{student}_r18.yaml"
 
 
 def student_folder(folder: Path, student: str) -> Path:
@@ -75,11 +75,26 @@ def record(results: Path, run: Path, name: str, extra: dict | None = None) -> No
     (results / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
 
 
-def schedule(args, threads: int) -> None:
-    """Stage 1 for every teacher first, then per seed the student alone and the FitNet runs (no AKE needed),
-    then the UniKD runs."""
+def check_teachers(args) -> None:
+    """Stop now when a teacher of ``args.families`` is missing or unfinished, unless ``--wait-teachers``."""
+    for fam in args.families:
+        if not (teacher_checkpoint(args.teachers, fam).parent / "eval.json").exists() and not args.wait_teachers:
+            sys.exit(f"teacher {teacher_checkpoint(args.teachers, fam)} is missing or unfinished (no eval.json): "
+                     "run benchmarks/baselines.py first, or pass --wait-teachers while it runs")
+
+
+def job_threads(args) -> int:
+    """Torch threads per job: ``--threads``, else the cores shared by the ``--jobs``."""
+    return args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+
+
+def schedule(args, threads: int, student: str, seeds: list[int], alone_seeds: list[int],
+             configs: Path = DIGITS) -> None:
+    """Stage 1 for every teacher of ``args.families`` first, then the student alone per seed of ``alone_seeds``
+    and the FitNet runs per seed of ``seeds`` (no AKE needed), then the UniKD runs. ``configs`` holds
+    ``ake.yaml`` and the student's ``distill_STUDENT_r18.yaml``."""
     data = ["--data", str(args.data)]
-    runs, results = student_folder(args.runs, args.student), student_folder(args.results, args.student)
+    runs, results = student_folder(args.runs, student), student_folder(args.results, student)
     for fam in args.families:
         check_ake_file(args.runs / f"ake_{fam}" / "ake.safetensors")
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -91,12 +106,12 @@ def schedule(args, threads: int) -> None:
                 time.sleep(30)
             record(results, teacher, f"teacher_{fam}")
             out = args.runs / f"ake_{fam}"
-            run_job(["pretrain-ake", str(AKE_CONFIG), "--teacher", str(teacher_checkpoint(args.teachers, fam)),
-                     *data], out, "report.json", threads)
+            run_job(["pretrain-ake", str(configs / AKE_CONFIG.name), "--teacher",
+                     str(teacher_checkpoint(args.teachers, fam)), *data], out, "report.json", threads)
             record(results, out, f"ake_{fam}")
 
         def stage2(fam: str, method: str, seed: int) -> None:
-            cmd = ["distill", str(student_config(args.student)), "--teacher",
+            cmd = ["distill", str(student_config(student, configs)), "--teacher",
                    str(teacher_checkpoint(args.teachers, fam)), "--method", method, "--seed", str(seed), *data]
             if method == "unikd":
                 akes[fam].result()
@@ -107,9 +122,10 @@ def schedule(args, threads: int) -> None:
 
         for fam in args.families:
             akes[fam] = pool.submit(stage1, fam)
-        runs = [pool.submit(stage2, args.families[0], "none", seed) for seed in args.seeds]
-        runs += [pool.submit(stage2, fam, m, seed) for seed in args.seeds for m in METHODS for fam in args.families]
-        for job in [*akes.values(), *runs]:
+        # Not named ``runs``: stage2 reads that folder when it runs, after this line.
+        jobs = [pool.submit(stage2, args.families[0], "none", seed) for seed in alone_seeds]
+        jobs += [pool.submit(stage2, fam, m, seed) for seed in seeds for m in METHODS for fam in args.families]
+        for job in [*akes.values(), *jobs]:
             job.result()
 
 
@@ -184,13 +200,9 @@ def write_results(doc: Path, folder: Path, command: str, student: str) -> None:
     replace_section(doc, "\n".join(lines) + "\n", title="# Results")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES[:3]),
-                        help="teachers to run (default: %(default)s; the table lists every teacher with results)")
-    parser.add_argument("--student", choices=STUDENTS, default="retinanet",
-                        help="the student (configs/digits/distill_STUDENT_r18.yaml)")
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options :func:`schedule` and the table read besides the students, teachers and seeds: folders, jobs,
+    threads, ``--wait-teachers``, ``--table-only``."""
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "distill")
     parser.add_argument("--teachers", type=Path, default=ROOT / "runs" / "baselines")
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "digits-det")
@@ -202,14 +214,21 @@ def main() -> None:
     parser.add_argument("--wait-teachers", action="store_true",
                         help="a teacher still in training: its stage 1 waits for its eval.json")
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from the JSONs")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES[:3]),
+                        help="teachers to run (default: %(default)s; the table lists every teacher with results)")
+    parser.add_argument("--student", choices=STUDENTS, default="retinanet",
+                        help="the student (configs/digits/distill_STUDENT_r18.yaml)")
+    add_run_arguments(parser)
     args = parser.parse_args()
     if not args.table_only:
-        for fam in args.families:
-            if not (teacher_checkpoint(args.teachers, fam).parent / "eval.json").exists() and not args.wait_teachers:
-                sys.exit(f"teacher {teacher_checkpoint(args.teachers, fam)} is missing or unfinished (no eval.json): "
-                         "run benchmarks/baselines.py first, or pass --wait-teachers while it runs")
+        check_teachers(args)
         tic = time.time()
-        schedule(args, threads=args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
+        schedule(args, job_threads(args), args.student, args.seeds, args.seeds)
         print(f"done in {(time.time() - tic) / 60:.1f} min")
     write_results(args.doc, student_folder(args.results, args.student),
                   "python benchmarks/distillation.py " + " ".join(sys.argv[1:]), args.student)
