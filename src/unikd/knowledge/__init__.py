@@ -11,5 +11,5 @@ from .verify import verify_store
 
 __all__ = ["KNOWLEDGE", "KnowledgeStore", "KnowledgeStoreError", "OfflineDistillationModel", "REGIONS",
            "SeededQueryBoxes", "StoredKnowledge", "ake_entry", "batch_knowledge", "check_store_fits", "dump_manifest",
-           "dump_records", "feature_fields", "feature_records", "new_manifest", "prepare_store", "store_summary", "stored_pyramid",
-           "unikd_records", "unikd_teacher", "verify_store"]
+           "dump_records", "feature_fields", "feature_records", "new_manifest", "prepare_store", "store_summary",
+           "stored_pyramid", "unikd_records", "unikd_teacher", "verify_store"]
