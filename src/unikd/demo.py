@@ -155,7 +155,8 @@ def plan(out: Path, data_root: Path, scale: Scale, seed: int = 0) -> list[Stage]
                      run=lambda resume: fn(C.load_config(cfg_path), folder, resume, resume is None))
 
     stages = [_digits_stage(data_root, scale),
-              job("teacher", "teacher: R18 Faster R-CNN (128-channel FPN)", ["train"], "eval.json", jobs.train_detector),
+              job("teacher", "teacher: R18 Faster R-CNN (128-channel FPN)", ["train"], "eval.json",
+                  jobs.train_detector),
               job("ake", "AKE pretraining (UniKD stage 1)", ["pretrain-ake", "--teacher", str(teacher)], "report.json",
                   lambda cfg, folder, resume, fresh: jobs.pretrain_ake(cfg, teacher, folder, resume, fresh))]
     titles = {"none": "R18 FCOS student alone", "fitnet": "R18 FCOS student with FitNet",

@@ -32,7 +32,8 @@ from unikd.transformer import HungarianMatcher
 
 from .manifest import (KINDS, MANIFEST, KnowledgeStoreError, expected_keys, manifest_differences, new_manifest,
                        read_manifest, variant_key, write_manifest)
-from .seeded_boxes import min_size_of, seeded_query_boxes
+from .samples import min_size_of
+from .seeded_boxes import seeded_query_boxes
 from .shards import SHARDS, ShardWriter, read_indexes, uncommitted
 
 

@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from unikd.categories import check_categories, dataset_categories
 from unikd.data import CocoDetection, ImageResize
@@ -24,7 +23,7 @@ from unikd.pyramid import Pyramid
 from .dump import resize_spec, variants
 from .features import REGIONS, full_maps
 from .manifest import KnowledgeStoreError
-from .seeded_boxes import min_size_of
+from .samples import AugmentedSamples, min_size_of
 from .store import KnowledgeStore
 
 KNOWLEDGE = "knowledge"  # the target key that carries a sample's record
@@ -55,28 +54,19 @@ def check_store_fits(store: KnowledgeStore, dataset: CocoDetection, eval_resize:
                                   "scale")
 
 
-class StoredKnowledge(Dataset):
+class StoredKnowledge(AugmentedSamples):
     """``dataset``'s samples, each target with ``target["knowledge"]``: a UniKD record's fields with draw
     ``epoch mod K`` of ``B̂`` (``ct/*`` as stored, ``pos/*`` without the draw dimension); a FitNet record as the
     whole maps of its image (:func:`unikd.knowledge.features.full_maps`: checked and expanded here, on the host,
     so that the training step reads nothing back from the device)."""
 
     def __init__(self, dataset: CocoDetection, store: KnowledgeStore):
-        self.dataset, self.store = dataset, store
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
+        super().__init__(dataset)
+        self.store = store
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict]:
-        image, target = self.dataset[index]
-        _, choice = self.dataset.augmentation(index)
-        record = self.store.record(target["image_id"], target["flipped"], min_size_of(self.dataset, choice),
-                                   image_size=tuple(image.shape[-2:]))
+        image, target, key = self.sample(index)
+        record = self.store.record(*key, image_size=tuple(image.shape[-2:]))
         manifest = self.store.manifest
         if manifest["knowledge"] in REGIONS:
             fields = full_maps(record, target, tuple(image.shape[-2:]), manifest["teacher"]["strides"],

@@ -10,17 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from unikd.data import CocoDetection
 from unikd.distill.common import B_HAT, normalise_targets, query_boxes
 
-from .manifest import variant_key
-
-
-def min_size_of(dataset: CocoDetection, choice: int) -> int | None:
-    """The shorter side of scale ``choice`` of the dataset's resize (None under a longer-side rule)."""
-    return dataset.resize.min_sizes[choice] if dataset.resize.min_sizes else None
+from .samples import AugmentedSamples
 
 
 def record_seed(seed: int, key: tuple[int, bool, int | None], draw: int) -> int:
@@ -38,26 +32,17 @@ def seeded_query_boxes(target: dict, image_size: tuple[int, int], key: tuple[int
     return boxes[0], gt_index[0]
 
 
-class SeededQueryBoxes(Dataset):
+class SeededQueryBoxes(AugmentedSamples):
     """``dataset``'s samples, each target with ``B̂`` (the keys of :data:`unikd.distill.common.B_HAT`: boxes
     [N, 4] cxcywh normalised over the image, ``gt_index`` [N]) of draw ``epoch``, from the sample's own seeded
     generator: what the AKE losses read instead of drawing ``B̂`` from the device tensors."""
 
     def __init__(self, dataset: CocoDetection, n: int, alpha: float, beta: float, seed: int):
-        self.dataset, self.n, self.alpha, self.beta, self.seed = dataset, n, alpha, beta, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.dataset)
+        super().__init__(dataset)
+        self.n, self.alpha, self.beta, self.seed = n, alpha, beta, seed
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict]:
-        image, target = self.dataset[index]
-        _, choice = self.dataset.augmentation(index)
-        key = variant_key(target["image_id"], target["flipped"], min_size_of(self.dataset, choice))
+        image, target, key = self.sample(index)
         boxes, gt_index = seeded_query_boxes(target, tuple(image.shape[-2:]), key, self.n, self.alpha, self.beta,
                                              self.seed, self.epoch)
         return image, {**target, B_HAT[0]: boxes, B_HAT[1]: gt_index}
