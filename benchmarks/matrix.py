@@ -232,8 +232,9 @@ def write_matrix(args, command: str) -> str:
     return section
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which cells the matrix holds and with how many seeds: ``--students``, ``--teachers-families``, ``--seeds``,
+    ``--alone-seeds``, ``--seeded-students``, ``--configs``."""
     parser.add_argument("--students", nargs="+", choices=FAMILIES, default=list(ORDER),
                         help="R18 students to run, one after the other (default: all six)")
     parser.add_argument("--teachers-families", dest="families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
@@ -245,6 +246,11 @@ def main() -> None:
                         help="students whose cells run on the --alone-seeds too (default: %(default)s)")
     parser.add_argument("--configs", type=Path, default=DIGITS,
                         help="folder of ake.yaml and distill_STUDENT_r18.yaml (default: configs/digits)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_plan_arguments(parser)
     parser.add_argument("--heatmap", type=Path, default=ROOT / "docs" / "matrix_gains.png",
                         help="the PNG of the gains (default: docs/matrix_gains.png)")
     add_run_arguments(parser)

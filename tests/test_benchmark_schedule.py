@@ -1,0 +1,131 @@
+"""The benchmark scripts' job lists (benchmarks/distillation.py ``schedule``, which benchmarks/matrix.py runs per
+student), with the ``unikd`` jobs replaced by a recorder that writes what a finished job leaves: which commands
+run, in which folders, in which order, and what each finished run records."""
+import argparse
+import json
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import distillation  # noqa: E402
+import matrix  # noqa: E402
+
+
+def finish(out: Path, done: str) -> None:
+    """What a finished ``unikd`` job leaves in ``out``: its last file and a metrics log with its clock."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / done).write_text(json.dumps({"AP": 0.25}))
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "train_seconds": 120.0}) + "\n")
+
+
+@pytest.fixture
+def recorded(monkeypatch, tmp_path):
+    """``run_job`` replaced, skipping a finished job as it does: each job run, in call order; teachers' folders
+    made as finished."""
+    calls, lock = [], threading.Lock()
+
+    def run_job(args, out, done, threads):
+        if (out / done).exists():
+            return
+        with lock:
+            calls.append({"args": args, "out": out, "threads": threads})
+        finish(out, done)
+
+    monkeypatch.setattr(distillation, "run_job", run_job)
+    for fam in distillation.FAMILIES:
+        finish(tmp_path / "teachers" / f"{fam}_r50_teacher", "eval.json")
+    return calls
+
+
+def schedule_args(tmp_path, families, jobs=2):
+    return argparse.Namespace(data=tmp_path / "data", runs=tmp_path / "runs", results=tmp_path / "results",
+                              teachers=tmp_path / "teachers", families=families, jobs=jobs, threads=1,
+                              wait_teachers=False)
+
+
+def option(args: list[str], name: str) -> str:
+    return args[args.index(name) + 1]
+
+
+@pytest.mark.parametrize("student", ["retinanet", "deformable_detr"])
+def test_schedule_runs_stage_1_per_teacher_the_student_alone_per_seed_and_each_cell_per_seed(
+        recorded, tmp_path, student):
+    families = ["deformable_detr", "reppoints"]
+    args = schedule_args(tmp_path, families)
+    distillation.schedule(args, 1, student, seeds=[0, 1], alone_seeds=[0, 1, 2])
+    runs = distillation.student_folder(args.runs, student)
+    by_out = {call["out"]: call for call in recorded}
+    assert len(by_out) == len(recorded) == 2 + 3 + 2 * 2 * 2  # no job twice
+    for fam in families:
+        ake = by_out[args.runs / f"ake_{fam}"]["args"]
+        assert ake[:2] == ["pretrain-ake", str(distillation.DIGITS / "ake.yaml")]
+        assert option(ake, "--teacher") == str(tmp_path / "teachers" / f"{fam}_r50_teacher" / "last.pt")
+    for seed in (0, 1, 2):
+        alone = by_out[runs / f"none_s{seed}"]["args"]
+        assert alone[:2] == ["distill", str(distillation.DIGITS / f"distill_{student}_r18.yaml")]
+        assert (option(alone, "--method"), option(alone, "--seed")) == ("none", str(seed))
+        assert "--ake" not in alone
+    order = [call["out"] for call in recorded]
+    for fam in families:
+        for seed in (0, 1):
+            fitnet = by_out[runs / f"{fam}_fitnet_s{seed}"]["args"]
+            unikd = by_out[runs / f"{fam}_unikd_s{seed}"]["args"]
+            for cmd, method in ((fitnet, "fitnet"), (unikd, "unikd")):
+                assert option(cmd, "--teacher") == str(tmp_path / "teachers" / f"{fam}_r50_teacher" / "last.pt")
+                assert (option(cmd, "--method"), option(cmd, "--seed")) == (method, str(seed))
+                assert option(cmd, "--data") == str(args.data)
+            assert "--ake" not in fitnet
+            assert option(unikd, "--ake") == str(args.runs / f"ake_{fam}" / "ake.safetensors")
+            # a UniKD run starts only once its teacher's AKEs are done
+            assert order.index(args.runs / f"ake_{fam}") < order.index(runs / f"{fam}_unikd_s{seed}")
+    results = distillation.student_folder(args.results, student)
+    unikd = json.loads((results / "reppoints_unikd_s1.json").read_text())
+    assert (unikd["teacher"], unikd["method"], unikd["seed"]) == ("reppoints", "unikd", 1)
+    assert unikd["metrics"] == {"AP": 0.25} and unikd["train_minutes"] == 2.0
+    assert json.loads((results / "none_s2.json").read_text())["method"] == "none"
+    assert {p.stem for p in results.glob("teacher_*.json")} == {f"teacher_{f}" for f in families}
+    assert all(call["threads"] == 1 for call in recorded)
+
+
+def test_schedule_again_runs_only_what_is_new_and_records_every_run(recorded, tmp_path):
+    """A second schedule over the same folders with one more seed runs that seed's jobs only, and records the
+    finished runs again, unchanged."""
+    args = schedule_args(tmp_path, ["atss"], jobs=1)
+    distillation.schedule(args, 1, "reppoints", seeds=[0], alone_seeds=[0])
+    first = len(recorded)
+    results = {p: p.read_text() for p in (tmp_path / "results").rglob("*.json")}
+    distillation.schedule(args, 1, "reppoints", seeds=[0, 1], alone_seeds=[0, 1])
+    runs = args.runs / "reppoints"
+    assert {c["out"] for c in recorded[first:]} == {runs / "none_s1", runs / "atss_fitnet_s1", runs / "atss_unikd_s1"}
+    again = {p: p.read_text() for p in (tmp_path / "results").rglob("*.json")}
+    assert {p: again[p] for p in results} == results and len(again) == len(results) + 3
+
+
+def test_matrix_runs_the_seeded_students_cells_on_the_alone_seeds_too(recorded, tmp_path):
+    args = schedule_args(tmp_path, ["fcos"], jobs=1)
+    args.configs = distillation.DIGITS
+    args.students = ["deformable_detr", "atss"]
+    args.seeds, args.alone_seeds, args.seeded_students = [0], [0, 1, 2], ["deformable_detr"]
+    matrix.run_matrix(args)
+    outs = {str(c["out"].relative_to(args.runs)) for c in recorded}
+    assert {f"deformable_detr/fcos_unikd_s{s}" for s in (0, 1, 2)} <= outs
+    assert "atss/fcos_unikd_s0" in outs and "atss/fcos_unikd_s1" not in outs
+    assert {f"atss/none_s{s}" for s in (0, 1, 2)} <= outs
+    # stage 1 once for both students: the second student's schedule finds the AKEs done (run_job skips it)
+    assert sum(1 for c in recorded if c["args"][0] == "pretrain-ake") == 1
+
+
+def test_matrix_refuses_a_student_without_its_config_before_running_anything(recorded, tmp_path):
+    args = schedule_args(tmp_path, ["fcos"], jobs=1)
+    configs = tmp_path / "profile"
+    configs.mkdir()
+    (configs / "ake.yaml").write_text((distillation.DIGITS / "ake.yaml").read_text())
+    args.configs, args.students, args.seeds, args.alone_seeds, args.seeded_students = (
+        configs, ["atss"], [0], [0], [])
+    with pytest.raises(SystemExit, match="distill_atss_r18.yaml is missing"):
+        matrix.run_matrix(args)
+    assert recorded == []
