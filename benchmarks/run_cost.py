@@ -53,21 +53,22 @@ def runs() -> list[tuple[str, str, tuple]]:
     return plan
 
 
-def build(kind: str, args: tuple, num_classes: int):
+def build(kind: str, args: tuple, num_classes: int, configs: Path = DIGITS):
     """The trainer's model of a planned run (train mode), its config, and the detector whose ``predict`` its
-    evaluation runs."""
+    evaluation runs; ``configs`` holds ``ake.yaml`` and the students' ``distill_STUDENT_r18.yaml`` (the teachers'
+    configs are always those of configs/digits)."""
     if kind == "train":
         cfg = load_config(DIGITS / f"{args[0]}.yaml")
         detector = build_detector(cfg.model, num_classes)
         return detector.train(), cfg, detector
     teacher = build_detector(load_config(DIGITS / f"{args[0]}_r50_teacher.yaml").model, num_classes)
-    ake = load_config(DIGITS / "ake.yaml")
+    ake = load_config(configs / "ake.yaml")
     akes = KnowledgeExtractors(ake.ake, len(teacher.feature_strides), teacher.feature_channels[0], num_classes)
     if kind == "stage1":
         model = AbsorbModel(teacher, akes).train()
         return model, ake, model
     _, student_family, method = args
-    cfg = load_config(DIGITS / f"distill_{student_family}_r18.yaml")
+    cfg = load_config(configs / f"distill_{student_family}_r18.yaml")
     student = build_detector(cfg.model, num_classes)
     distiller = build_distiller(method, cfg.distill, student, teacher, akes.teacher_rms,
                                 akes if method == "unikd" else None)
@@ -86,15 +87,18 @@ def seconds(fn, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def measure(name: str, kind: str, run_args: tuple, batches: dict, steps: int, warmup: int) -> dict:
+def measure(name: str, kind: str, run_args: tuple, batches: dict, steps: int, warmup: int, configs: Path = DIGITS,
+            train_images: int = TRAIN_IMAGES) -> dict:
+    """The run's median CPU seconds per training step and per ``predict`` batch, its iterations (its epochs over
+    ``train_images``) and the CPU hours they and the evaluation add up to."""
     images, targets = batches["masks" if name.startswith("mask_rcnn") else "boxes"]
     torch.manual_seed(0)
-    model, cfg, evaluated = build(kind, run_args, num_classes=10)
+    model, cfg, evaluated = build(kind, run_args, 10, configs)
     step = seconds(step_fn(model, images, targets), steps, warmup)
     evaluated.eval()
     with torch.no_grad():
         predict = seconds(lambda: evaluated.predict(images), steps, 1)
-    iters = cfg.train.epochs * math.ceil(TRAIN_IMAGES / BATCH)
+    iters = cfg.train.epochs * math.ceil(train_images / BATCH)
     hours = (step * iters + predict * math.ceil(VAL_IMAGES / BATCH)) / 3600
     return {"name": name, "step": step, "predict": predict, "epochs": cfg.train.epochs, "iters": iters,
             "hours": hours}

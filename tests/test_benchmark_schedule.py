@@ -129,3 +129,27 @@ def test_matrix_refuses_a_student_without_its_config_before_running_anything(rec
     with pytest.raises(SystemExit, match="distill_atss_r18.yaml is missing"):
         matrix.run_matrix(args)
     assert recorded == []
+
+
+def test_matrix_cost_adds_each_runs_steps_and_evaluation_times_its_seeds(tmp_path):
+    """The estimate against a hand computation: 20 train and 9 val images (3 and 2 batches of 8), one teacher;
+    step and predict times in minutes, so that the table's hours keep their digits."""
+    import matrix_cost
+
+    from unikd.data import build_digits_det
+    data = build_digits_det(tmp_path / "data", n_train=20, n_val=9, size=64)
+    minutes = {"ake_fcos": (1.0, 2.0), "atss: none": (3.0, 5.0), "deformable_detr: none": (7.0, 11.0),
+               "fcos -> atss: fitnet": (13.0, 1.0), "fcos -> atss: unikd": (17.0, 1.0),
+               "fcos -> deformable_detr: fitnet": (19.0, 1.0), "fcos -> deformable_detr: unikd": (23.0, 1.0)}
+    jobs = {name: {"step": 60 * step, "predict": 60 * predict} for name, (step, predict) in minutes.items()}
+    steps_file = tmp_path / "steps.json"
+    steps_file.write_text(json.dumps({"command": "c", "date": "d", "threads": 1, "jobs": jobs}))
+    args = argparse.Namespace(steps_file=steps_file, data=data, configs=distillation.DIGITS, families=["fcos"],
+                              students=["atss", "deformable_detr"], seeds=[0], alone_seeds=[0, 1, 2],
+                              seeded_students=["deformable_detr"])
+    section = "\n".join(matrix_cost.estimate(args))
+    ake = 5 * 3 * 1.0 + 2 * 2.0  # ake.yaml: 5 epochs
+    atss = 3 * (3 * 3 * 3.0 + 2 * 5.0) + (3 * 3 * 13.0 + 2) + (3 * 3 * 17.0 + 2)  # 3 epochs; cells on 1 seed
+    detr = 3 * (12 * 3 * 7.0 + 2 * 11.0) + 3 * (12 * 3 * 19.0 + 2) + 3 * (12 * 3 * 23.0 + 2)  # 12 epochs; 3 seeds
+    assert f"In all: {(ake + atss + detr) / 60:.1f} CPU hours" in section
+    assert f"| ATSS | 3 | 3 | {3 * (9 * 3.0 + 10) / 60:.1f} | 1 |" in section
