@@ -38,6 +38,8 @@ from pathlib import Path
 from doc_sections import replace_section
 from runner import check_ake_file, run_job
 
+from unikd.config import load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 # Teachers, the slowest first; the first three are the RetinaNet student's default.
 FAMILIES = ("faster_rcnn", "fcos", "retinanet", "deformable_detr", "reppoints", "atss")
@@ -89,12 +91,18 @@ def job_threads(args) -> int:
 
 
 def schedule(args, threads: int, student: str, seeds: list[int], alone_seeds: list[int],
-             configs: Path = DIGITS) -> None:
+             configs: Path = DIGITS, epochs: int | None = None) -> None:
     """Stage 1 for every teacher of ``args.families`` first, then the student alone per seed of ``alone_seeds``
     and the FitNet runs per seed of ``seeds`` (no AKE needed), then the UniKD runs. ``configs`` holds
-    ``ake.yaml`` and the student's ``distill_STUDENT_r18.yaml``."""
+    ``ake.yaml`` and the student's ``distill_STUDENT_r18.yaml``; ``epochs``, when given, replaces that config's
+    in every stage-2 run. Each stage-2 JSON records its epochs."""
     data = ["--data", str(args.data)]
+    stage2_epochs = epochs or load_config(student_config(student, configs)).train.epochs
     runs, results = student_folder(args.runs, student), student_folder(args.results, student)
+    other = {r["epochs"] for r in load_results(results).values() if r.get("epochs", stage2_epochs) != stage2_epochs}
+    if other:
+        sys.exit(f"{results} holds runs of {sorted(other)} epochs, this schedule's are {stage2_epochs}: give this "
+                 "profile its own --runs and --results")
     for fam in args.families:
         check_ake_file(args.runs / f"ake_{fam}" / "ake.safetensors")
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -112,13 +120,14 @@ def schedule(args, threads: int, student: str, seeds: list[int], alone_seeds: li
 
         def stage2(fam: str, method: str, seed: int) -> None:
             cmd = ["distill", str(student_config(student, configs)), "--teacher",
-                   str(teacher_checkpoint(args.teachers, fam)), "--method", method, "--seed", str(seed), *data]
+                   str(teacher_checkpoint(args.teachers, fam)), "--method", method, "--seed", str(seed), *data,
+                   *(["--epochs", str(epochs)] if epochs else [])]
             if method == "unikd":
                 akes[fam].result()
                 cmd += ["--ake", str(args.runs / f"ake_{fam}" / "ake.safetensors")]
             name = f"none_s{seed}" if method == "none" else f"{fam}_{method}_s{seed}"
             run_job(cmd, runs / name, "eval.json", threads)
-            record(results, runs / name, name, {"teacher": fam, "method": method, "seed": seed})
+            record(results, runs / name, name, {"teacher": fam, "method": method, "seed": seed, "epochs": stage2_epochs})
 
         for fam in args.families:
             akes[fam] = pool.submit(stage1, fam)

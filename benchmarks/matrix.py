@@ -2,7 +2,8 @@
 distilled into the six families' R18 students, each pair with FitNet and with UniKD, beside the student alone.
 
     python benchmarks/matrix.py [--students F ...] [--teachers-families F ...] [--seeds 0] [--alone-seeds 0 1 2]
-        [--seeded-students retinanet deformable_detr] [--configs configs/digits] [--runs runs/distill]
+        [--seeded-students retinanet deformable_detr] [--configs configs/digits] [--student-epochs STUDENT=N ...]
+        [--data cache/digits-det] [--runs runs/distill]
         [--teachers runs/baselines] [--jobs 2] [--threads N] [--wait-teachers]
     python benchmarks/matrix.py --table-only     # rebuild the docs table and the heatmap from the JSONs
 
@@ -10,9 +11,10 @@ Per student, one after the other, the jobs of ``benchmarks/distillation.py`` (it
 result folders, so that a run either script finished serves both: stage 1 per teacher (``RUNS/ake_FAMILY``, done
 once for every student), the student alone per seed of ``--alone-seeds``, FitNet and UniKD per teacher and seed of
 ``--seeds`` (of ``--seeds`` and ``--alone-seeds`` for the ``--seeded-students``, whose cells get a mean ± std).
-Each job is resumable. ``--configs`` holds ``ake.yaml`` and ``distill_STUDENT_r18.yaml`` (a smaller profile is
-another folder, with its own ``--runs`` and ``--results``); a student asked to run without its config is refused
-before anything starts.
+Each job is resumable. ``--configs`` holds ``ake.yaml`` and ``distill_STUDENT_r18.yaml``; a student asked to run
+without its config is refused before anything starts. A smaller profile (docs/results.md, "The matrix's profile")
+is a smaller ``--data`` build and ``--student-epochs`` in place of a config's, with its own ``--runs`` and
+``--results``: each stage-2 JSON records its epochs, and a results folder of other epochs is refused.
 
 The table (a section of docs/results.md) and the heatmap of the gains (docs/matrix_gains.png) are built from the
 JSONs alone and show every student and teacher with results, whatever was asked to run.
@@ -63,7 +65,8 @@ def run_matrix(args) -> None:
     check_teachers(args)
     tic = time.time()
     for student in args.students:
-        schedule(args, job_threads(args), student, cell_seeds(args, student), args.alone_seeds, args.configs)
+        schedule(args, job_threads(args), student, cell_seeds(args, student), args.alone_seeds, args.configs,
+                 args.student_epochs.get(student))
     print(f"done in {(time.time() - tic) / 60:.1f} min")
 
 
@@ -130,7 +133,9 @@ def table(students: dict[str, dict[str, dict]], teachers: list[str], alone: dict
     lines = ["| student (R18) | | " + " | ".join(heads) + " |", "|---" * (len(teachers) + 2) + "|"]
     for s in students:
         base = mean_std(list(alone[s].values())) if alone[s] else "not run"
-        rows = [[TITLES[s], "student alone" + seeds_label([len(alone[s])]), *[base] * len(teachers)]]
+        epochs = sorted({r["epochs"] for r in students[s].values() if "epochs" in r})
+        name = TITLES[s] + (f", {'/'.join(map(str, epochs))} epochs" if epochs else "")
+        rows = [[name, "student alone" + seeds_label([len(alone[s])]), *[base] * len(teachers)]]
         for m in METHODS:
             runs = [cells[s, t, m] for t in teachers]
             rows.append(["", METHOD_TITLES[m] + seeds_label([len(r) for r in runs]),
@@ -246,6 +251,23 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
                         help="students whose cells run on the --alone-seeds too (default: %(default)s)")
     parser.add_argument("--configs", type=Path, default=DIGITS,
                         help="folder of ake.yaml and distill_STUDENT_r18.yaml (default: configs/digits)")
+    parser.add_argument("--student-epochs", nargs="+", type=student_epochs, default=[], metavar="STUDENT=N",
+                        help="stage-2 epochs of a student in place of its config's (a smaller profile)")
+
+
+def student_epochs(text: str) -> tuple[str, int]:
+    """``STUDENT=N`` of ``--student-epochs``, checked."""
+    student, _, epochs = text.partition("=")
+    if student not in FAMILIES or not epochs.isdigit() or int(epochs) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give STUDENT=N, a family of {', '.join(FAMILIES)} and N >= 1")
+    return student, int(epochs)
+
+
+def parse_plan(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The arguments, ``--student-epochs`` as a dict."""
+    args = parser.parse_args()
+    args.student_epochs = dict(args.student_epochs)
+    return args
 
 
 def main() -> None:
@@ -254,7 +276,7 @@ def main() -> None:
     parser.add_argument("--heatmap", type=Path, default=ROOT / "docs" / "matrix_gains.png",
                         help="the PNG of the gains (default: docs/matrix_gains.png)")
     add_run_arguments(parser)
-    args = parser.parse_args()
+    args = parse_plan(parser)
     if not args.table_only:
         run_matrix(args)
     print(write_matrix(args, "python benchmarks/matrix.py " + " ".join(sys.argv[1:])))

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from distillation import METHODS, TITLES
 from doc_sections import replace_section
-from matrix import ORDER, add_plan_arguments, cell_seeds
+from matrix import ORDER, add_plan_arguments, cell_seeds, parse_plan
 from run_cost import BATCH, build, measure
 
 from unikd.config import load_config
@@ -81,7 +81,7 @@ def estimate(args) -> list[str]:
     rows, total = [], 0.0
     stage1 = sum(job_hours(steps[f"ake_{t}"], ake_epochs, n_train, n_val) for t in args.families)
     for s in args.students:
-        epochs = load_config(args.configs / f"distill_{s}_r18.yaml").train.epochs
+        epochs = args.student_epochs.get(s) or load_config(args.configs / f"distill_{s}_r18.yaml").train.epochs
         alone = job_hours(steps[f"{s}: none"], epochs, n_train, n_val) * len(args.alone_seeds)
         seeds = len(cell_seeds(args, s))
         per_method = {m: sum(job_hours(steps[f"{t} -> {s}: {m}"], epochs, n_train, n_val) for t in args.families)
@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps-file", type=Path, default=STEPS)
     parser.add_argument("--doc", type=Path, default=None, help="write the table into this markdown file")
-    args = parser.parse_args()
+    args = parse_plan(parser)
     if args.measure:
         measure_all(args)
         return

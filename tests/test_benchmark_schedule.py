@@ -110,6 +110,7 @@ def test_matrix_runs_the_seeded_students_cells_on_the_alone_seeds_too(recorded, 
     args.configs = distillation.DIGITS
     args.students = ["deformable_detr", "atss"]
     args.seeds, args.alone_seeds, args.seeded_students = [0], [0, 1, 2], ["deformable_detr"]
+    args.student_epochs = {}
     matrix.run_matrix(args)
     outs = {str(c["out"].relative_to(args.runs)) for c in recorded}
     assert {f"deformable_detr/fcos_unikd_s{s}" for s in (0, 1, 2)} <= outs
@@ -119,6 +120,27 @@ def test_matrix_runs_the_seeded_students_cells_on_the_alone_seeds_too(recorded, 
     assert sum(1 for c in recorded if c["args"][0] == "pretrain-ake") == 1
 
 
+def test_student_epochs_reach_every_stage_2_run_and_a_folder_of_other_epochs_is_refused(recorded, tmp_path):
+    args = schedule_args(tmp_path, ["fcos"], jobs=1)
+    args.configs, args.students, args.seeds, args.alone_seeds, args.seeded_students = (
+        distillation.DIGITS, ["atss", "fcos"], [0], [0], [])
+    args.student_epochs = dict([matrix.student_epochs("atss=2")])
+    matrix.run_matrix(args)
+    for call in recorded:
+        if call["args"][0] == "distill":
+            expected = "2" if "distill_atss" in call["args"][1] else None
+            assert (option(call["args"], "--epochs") if "--epochs" in call["args"] else None) == expected
+    results = args.results
+    assert json.loads((results / "atss" / "fcos_unikd_s0.json").read_text())["epochs"] == 2
+    assert json.loads((results / "fcos" / "none_s0.json").read_text())["epochs"] == 3  # the config's
+    args.student_epochs = {"atss": 4}
+    with pytest.raises(SystemExit, match=r"holds runs of \[2\] epochs, this schedule's are 4"):
+        matrix.run_matrix(args)
+    for bad in ("atss", "atss=0", "detr=2", "atss=two"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            matrix.student_epochs(bad)
+
+
 def test_matrix_refuses_a_student_without_its_config_before_running_anything(recorded, tmp_path):
     args = schedule_args(tmp_path, ["fcos"], jobs=1)
     configs = tmp_path / "profile"
@@ -126,6 +148,7 @@ def test_matrix_refuses_a_student_without_its_config_before_running_anything(rec
     (configs / "ake.yaml").write_text((distillation.DIGITS / "ake.yaml").read_text())
     args.configs, args.students, args.seeds, args.alone_seeds, args.seeded_students = (
         configs, ["atss"], [0], [0], [])
+    args.student_epochs = {}
     with pytest.raises(SystemExit, match="distill_atss_r18.yaml is missing"):
         matrix.run_matrix(args)
     assert recorded == []
@@ -146,10 +169,10 @@ def test_matrix_cost_adds_each_runs_steps_and_evaluation_times_its_seeds(tmp_pat
     steps_file.write_text(json.dumps({"command": "c", "date": "d", "threads": 1, "jobs": jobs}))
     args = argparse.Namespace(steps_file=steps_file, data=data, configs=distillation.DIGITS, families=["fcos"],
                               students=["atss", "deformable_detr"], seeds=[0], alone_seeds=[0, 1, 2],
-                              seeded_students=["deformable_detr"])
+                              seeded_students=["deformable_detr"], student_epochs={"deformable_detr": 4})
     section = "\n".join(matrix_cost.estimate(args))
     ake = 5 * 3 * 1.0 + 2 * 2.0  # ake.yaml: 5 epochs
     atss = 3 * (3 * 3 * 3.0 + 2 * 5.0) + (3 * 3 * 13.0 + 2) + (3 * 3 * 17.0 + 2)  # 3 epochs; cells on 1 seed
-    detr = 3 * (12 * 3 * 7.0 + 2 * 11.0) + 3 * (12 * 3 * 19.0 + 2) + 3 * (12 * 3 * 23.0 + 2)  # 12 epochs; 3 seeds
+    detr = 3 * (4 * 3 * 7.0 + 2 * 11.0) + 3 * (4 * 3 * 19.0 + 2) + 3 * (4 * 3 * 23.0 + 2)  # 4 epochs; 3 seeds
     assert f"In all: {(ake + atss + detr) / 60:.1f} CPU hours" in section
     assert f"| ATSS | 3 | 3 | {3 * (9 * 3.0 + 10) / 60:.1f} | 1 |" in section
