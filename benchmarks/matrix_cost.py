@@ -11,9 +11,9 @@ already in the file is not measured again. CPU time of this process, so what a o
 its own, whatever else shares the machine.
 
 Without ``--measure``: from that file, the CPU hours of the matrix that ``matrix.py`` would run with the same
-options: each job's step time times its iterations (the epochs of its config in ``--configs`` over the train
-images of ``--data``) plus the evaluation (``predict`` over the val images), times its number of runs (its seeds),
-and the wall time on this machine's cores, one single-thread run per core. ``--doc`` writes the table into a
+options: each job's step time times its iterations (its config's epochs in ``--configs``, or
+``--student-epochs``, over the train images of ``--data``) plus the evaluation (``predict`` over the val images),
+times its number of runs (its seeds), and the wall time on this machine's cores, one single-thread run per core. ``--doc`` writes the table into a
 section of docs/results.md named after the configs folder and the dataset.
 """
 from __future__ import annotations
@@ -99,7 +99,7 @@ def estimate(args) -> list[str]:
         f"Command: `{command}` (written {datetime.date.today()}; step times: `{record['command']}`, "
         f"{record['date']}, in `{STEPS.relative_to(ROOT)}`, the models of configs/digits with fresh weights, "
         "CPU seconds of the measuring process beside other jobs). CPU hours at one thread: each "
-        f"run's steps (its config's epochs over the {n_train} train images of {args.data.name}, batch {BATCH}) and "
+        f"run's steps (its epochs, the table's, over the {n_train} train images of {args.data.name}, batch {BATCH}) and "
         f"its evaluation ({n_val} val images), times its seeds; teachers: {', '.join(TITLES[t] for t in args.families)}.",
         "",
         "| student (R18) | epochs | alone: seeds | alone: CPU h | cells: seeds | "
