@@ -96,7 +96,6 @@ def schedule(args, threads: int, student: str, seeds: list[int], alone_seeds: li
     and the FitNet runs per seed of ``seeds`` (no AKE needed), then the UniKD runs. ``configs`` holds
     ``ake.yaml`` and the student's ``distill_STUDENT_r18.yaml``; ``epochs``, when given, replaces that config's
     in every stage-2 run. Each stage-2 JSON records its epochs."""
-    data = ["--data", str(args.data)]
     stage2_epochs = epochs or load_config(student_config(student, configs)).train.epochs
     runs, results = student_folder(args.runs, student), student_folder(args.results, student)
     other = {r["epochs"] for r in load_results(results).values() if r.get("epochs", stage2_epochs) != stage2_epochs}
@@ -114,19 +113,15 @@ def schedule(args, threads: int, student: str, seeds: list[int], alone_seeds: li
                 time.sleep(30)
             record(results, teacher, f"teacher_{fam}")
             out = args.runs / f"ake_{fam}"
-            run_job(["pretrain-ake", str(configs / AKE_CONFIG.name), "--teacher",
-                     str(teacher_checkpoint(args.teachers, fam)), *data], out, "report.json", threads)
+            run_job(pretrain_command(args, fam, configs), out, "report.json", threads)
             record(results, out, f"ake_{fam}")
 
         def stage2(fam: str, method: str, seed: int) -> None:
-            cmd = ["distill", str(student_config(student, configs)), "--teacher",
-                   str(teacher_checkpoint(args.teachers, fam)), "--method", method, "--seed", str(seed), *data,
-                   *(["--epochs", str(epochs)] if epochs else [])]
             if method == "unikd":
                 akes[fam].result()
-                cmd += ["--ake", str(args.runs / f"ake_{fam}" / "ake.safetensors")]
             name = f"none_s{seed}" if method == "none" else f"{fam}_{method}_s{seed}"
-            run_job(cmd, runs / name, "eval.json", threads)
+            run_job(distill_command(args, student, fam, method, seed, configs, epochs), runs / name, "eval.json",
+                    threads)
             record(results, runs / name, name, {"teacher": fam, "method": method, "seed": seed, "epochs": stage2_epochs})
 
         for fam in args.families:
@@ -136,6 +131,25 @@ def schedule(args, threads: int, student: str, seeds: list[int], alone_seeds: li
         jobs += [pool.submit(stage2, fam, m, seed) for seed in seeds for m in METHODS for fam in args.families]
         for job in [*akes.values(), *jobs]:
             job.result()
+
+
+def pretrain_command(args, fam: str, configs: Path = DIGITS, overrides: tuple[str, ...] = ()) -> list[str]:
+    """``unikd pretrain-ake`` of ``fam``'s teacher on ``args.data`` with ``configs``' AKE config (and
+    ``--set`` each of ``overrides``), less ``--out``."""
+    return ["pretrain-ake", str(configs / AKE_CONFIG.name), "--teacher", str(teacher_checkpoint(args.teachers, fam)),
+            "--data", str(args.data), *[a for o in overrides for a in ("--set", o)]]
+
+
+def distill_command(args, student: str, fam: str, method: str, seed: int, configs: Path = DIGITS,
+                    epochs: int | None = None, akes: Path | None = None, overrides: tuple[str, ...] = ()) -> list[str]:
+    """``unikd distill`` of ``student`` from ``fam``'s teacher with ``method`` and ``seed`` on ``args.data`` (UniKD
+    with the AKEs of ``akes``, by default ``RUNS/ake_FAMILY``), less ``--out``."""
+    cmd = ["distill", str(student_config(student, configs)), "--teacher", str(teacher_checkpoint(args.teachers, fam)),
+           "--method", method, "--seed", str(seed), "--data", str(args.data),
+           *(["--epochs", str(epochs)] if epochs else []), *[a for o in overrides for a in ("--set", o)]]
+    if method == "unikd":
+        cmd += ["--ake", str((akes or args.runs / f"ake_{fam}") / "ake.safetensors")]
+    return cmd
 
 
 def load_results(folder: Path) -> dict[str, dict]:

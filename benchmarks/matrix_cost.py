@@ -30,7 +30,7 @@ import torch
 from distillation import METHODS, TITLES
 from doc_sections import replace_section
 from matrix import ORDER, add_plan_arguments, cell_seeds, parse_plan
-from run_cost import BATCH, build, measure
+from run_cost import BATCH, measure
 
 from unikd.config import load_config
 from unikd.data import CocoDetection, collate

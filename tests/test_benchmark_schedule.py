@@ -11,6 +11,7 @@ import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
+import ablations  # noqa: E402
 import distillation  # noqa: E402
 import matrix  # noqa: E402
 
@@ -36,6 +37,7 @@ def recorded(monkeypatch, tmp_path):
         finish(out, done)
 
     monkeypatch.setattr(distillation, "run_job", run_job)
+    monkeypatch.setattr(ablations, "run_job", run_job)
     for fam in distillation.FAMILIES:
         finish(tmp_path / "teachers" / f"{fam}_r50_teacher", "eval.json")
     return calls
@@ -176,3 +178,65 @@ def test_matrix_cost_adds_each_runs_steps_and_evaluation_times_its_seeds(tmp_pat
     detr = 3 * (4 * 3 * 7.0 + 2 * 11.0) + 3 * (4 * 3 * 19.0 + 2) + 3 * (4 * 3 * 23.0 + 2)  # 4 epochs; 3 seeds
     assert f"In all: {(ake + atss + detr) / 60:.1f} CPU hours" in section
     assert f"| ATSS | 3 | 3 | {3 * (9 * 3.0 + 10) / 60:.1f} | 1 |" in section
+
+
+def ablation_args(tmp_path):
+    args = schedule_args(tmp_path, [], jobs=2)
+    args.configs, args.seeds, args.student_epochs = distillation.DIGITS, [0, 1], {}
+    return args
+
+
+def test_ablations_run_each_variant_beside_the_matrix_runs_it_is_read_against(recorded, tmp_path):
+    args = ablation_args(tmp_path)
+    chosen = [v for v in ablations.variants(3, 9) if v.name in (
+        "c_n_200", "e_2", "controls_unikd_untrained_akes", "controls_alone_9_epochs_unikd_s_time", "kd_fcos_mgd")]
+    assert len(chosen) == 5
+    ablations.schedule(args, chosen, threads=1)
+    by_out = {c["out"]: c["args"] for c in recorded}
+    assert len(by_out) == len(recorded)  # nothing twice
+    own = args.runs / "ablations"
+    # stage 1: the matrix's AKEs of the two teachers' UniKD runs, and the two variants' own
+    akes = {out.name: cmd for out, cmd in by_out.items() if cmd[0] == "pretrain-ake"}
+    assert set(akes) == {"ake_retinanet", "ake_fcos", "ake_retinanet_ake_n_queries_200",
+                         "ake_retinanet_train_lr_1e_12_train_max_iters_1"}
+    assert option(akes["ake_retinanet_ake_n_queries_200"], "--set") == "ake.n_queries=200"
+    assert "--set" not in akes["ake_retinanet"]
+    for seed in (0, 1):
+        n200 = by_out[own / f"c_n_200_s{seed}"]
+        assert option(n200, "--ake") == str(args.runs / "ake_retinanet_ake_n_queries_200" / "ake.safetensors")
+        assert "--set" not in n200 and option(n200, "--seed") == str(seed)
+        lam = by_out[own / f"e_2_s{seed}"]
+        assert lam[lam.index("--set"):lam.index("--set") + 4] == ["--set", "distill.lambda_ct=2", "--set",
+                                                                   "distill.lambda_pos=2"]
+        assert option(lam, "--ake") == str(args.runs / "ake_retinanet" / "ake.safetensors")
+        longer = by_out[own / f"controls_alone_9_epochs_unikd_s_time_s{seed}"]
+        assert (option(longer, "--method"), option(longer, "--epochs")) == ("none", "9")
+        assert option(by_out[own / f"kd_fcos_mgd_s{seed}"], "--method") == "mgd"
+        # the matrix's runs, in the matrix's folders: the student alone, UniKD with both teachers, FitNet with FCOS
+        for name in ("none", "retinanet_unikd", "fcos_fitnet", "fcos_unikd"):
+            matrix_run = by_out[args.runs / f"{name}_s{seed}"]
+            assert "--set" not in matrix_run and "--epochs" not in matrix_run
+    assert args.runs / "retinanet_fitnet_s0" not in by_out  # no variant is read against it
+    assert len(recorded) == 4 + 2 * (5 + 4)
+    order = [c["out"] for c in recorded]
+    assert order.index(args.runs / "ake_retinanet_ake_n_queries_200") < order.index(own / "c_n_200_s1")
+    entry = json.loads((args.results / "ablations" / "e_2_s1.json").read_text())
+    assert (entry["variant"], entry["group"], entry["label"], entry["seed"], entry["epochs"]) == ("e_2", "e", "λ = 2", 1, 3)
+    assert "variant" not in json.loads((args.results / "retinanet_unikd_s1.json").read_text())
+
+
+def test_ablation_tables_read_each_variant_against_the_student_alone_and_the_matrix_run_of_its_seed(tmp_path):
+    def write(folder, name, ap, **extra):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps({"metrics": {"AP": ap / 100}, **extra}))
+
+    for seed, (alone, unikd, lam) in enumerate([(10.0, 20.0, 23.0), (14.0, 26.0, 27.0)]):
+        write(tmp_path, f"none_s{seed}", alone, seed=seed, method="none")
+        write(tmp_path, f"retinanet_unikd_s{seed}", unikd, seed=seed, method="unikd", teacher="retinanet")
+        write(tmp_path / "ablations", f"e_2_s{seed}", lam, seed=seed, method="unikd", teacher="retinanet",
+              variant="e_2", group="e", label="λ = 2", student="retinanet")
+    lines = ablations.tables(tmp_path)
+    assert "| student alone | 2 | 12.0 ± 2.8 | +0.0 ± 0.0 | – |" in lines
+    assert "| matrix: RetinaNet unikd | 2 | 23.0 ± 4.2 | +11.0 ± 1.4 | – |" in lines
+    # λ = 2: 23 and 27; against the student alone +13 and +13, against the matrix's UniKD +3 and +1
+    assert "| λ = 2 | 2 | 25.0 ± 2.8 | +13.0 ± 0.0 | +2.0 ± 1.4 |" in lines

@@ -1,0 +1,240 @@
+"""Issue 13's runs beside the matrix: the ablations of the paper's Table 6, the controls, and FGD / MGD / PKD
+beside FitNet and UniKD, each a change to one of the matrix's runs, at the matrix's profile and sharing its runs.
+
+    python benchmarks/ablations.py [--groups a c d e f g controls kd] [--seeds 0 1 2] [--data DIR] [--runs DIR]
+        [--teachers DIR] [--results DIR] [--student-epochs STUDENT=N ...] [--jobs 2] [--threads N]
+    python benchmarks/ablations.py --table-only [--results DIR]
+
+A variant changes one thing in a matrix run of a pair (``benchmarks/matrix.py`` with the same ``--data``,
+``--runs``, ``--results`` and ``--student-epochs``): a stage-1 setting (its own AKEs, ``RUNS/ake_FAMILY_KEY``), a
+stage-2 setting, the method, or the student's epochs. Its runs go to ``RUNS/ablations/NAME_sS`` and its JSONs to
+``RESULTS/ablations/NAME_sS.json``; the setting it is compared with (the matrix's: λ 0.5, N 100, one layer in
+``f_e``, AKEs of 5 epochs, both query types, φ of 2 layers for UniKD and 1 for FitNet) is the matrix's own run of
+the same seed, and the student alone its ``none_sS``. Stage 1 and the matrix's runs that a variant needs are run
+here when missing (in the matrix's folders, so that either script's run serves both). Resumable as the matrix.
+
+The table (a section of docs/results.md) is built from the JSONs alone: per variant, its AP over the seeds and its
+difference with the matrix's run of each seed, mean ± sample std.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from distillation import (DIGITS, TITLES, add_run_arguments, check_teachers, distill_command, job_threads,
+                          load_results, mean_std, pretrain_command, record, student_config, student_folder)
+from doc_sections import replace_section
+from matrix import parse_plan, shown, student_epochs
+from matrix_cost import STEPS
+from runner import check_ake_file, run_job
+
+from unikd.config import load_config
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One change to the matrix's ``method`` run of ``teacher`` → ``student``."""
+
+    group: str
+    label: str
+    teacher: str = "retinanet"
+    method: str = "unikd"
+    stage1: tuple[str, ...] = ()  # --set KEY=VALUE of pretrain-ake: AKEs of their own
+    stage2: tuple[str, ...] = ()  # --set KEY=VALUE of distill
+    epochs: int | None = None  # the student's stage-2 epochs, else the matrix's
+    student: str = "retinanet"
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}_{slug(self.label)}"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+# Groups: the paper's Table 6 (a)-(g), the controls and the feature-distillation baselines of issue 13.
+GROUPS = {
+    "a": "Tab. 6a: the query types UniKD distils (RetinaNet → RetinaNet; the matrix: both)",
+    "c": "Tab. 6c: N queries per type (RetinaNet → RetinaNet; the matrix: 100)",
+    "d": "Tab. 6d: decoder layers in f_e (RetinaNet → RetinaNet; the matrix: 1)",
+    "e": "Tab. 6e: λ = λ1 = λ2 (RetinaNet → RetinaNet; the matrix: 0.5)",
+    "f": "Tab. 6f: AKE pretraining epochs (RetinaNet → RetinaNet; the matrix: 5)",
+    "g": "Tab. 6g: self-attention layers in φ, FitNet with the same adaptor (Deformable DETR → RetinaNet; the "
+         "matrix: UniKD 2, FitNet 1)",
+    "controls": "Controls (RetinaNet → RetinaNet): untrained AKEs, the student alone trained longer",
+    "kd": "FGD, MGD and PKD beside FitNet and UniKD (into the R18 RetinaNet)",
+}
+KD_TEACHERS = ("retinanet", "faster_rcnn", "fcos", "deformable_detr", "reppoints")  # 1 homogeneous, 4 not
+
+
+def variants(alone_epochs: int, matched_epochs: int) -> list[Variant]:
+    """Every variant; ``alone_epochs`` is the student's epochs in the matrix, ``matched_epochs`` those of the
+    student alone that take as long as its UniKD run (from the measured step times)."""
+    out = [Variant("a", f"{q} queries only", stage2=(f"distill.queries={q}",)) for q in ("content", "positional")]
+    out += [Variant("c", f"N = {n}", stage1=(f"ake.n_queries={n}",)) for n in (200, 300)]
+    out += [Variant("d", f"{n} layers", stage1=(f"ake.extractor_layers={n}",)) for n in (2, 3)]
+    out += [Variant("e", f"λ = {v}", stage2=(f"distill.lambda_ct={v}", f"distill.lambda_pos={v}"))
+            for v in (0.1, 2, 10)]
+    out += [Variant("f", f"{n} epochs", stage1=(f"train.epochs={n}",)) for n in (1, 3, 10)]
+    out += [Variant("g", f"{m} φ {n} layers", teacher="deformable_detr", method=m,
+                    stage2=(f"distill.adaptor_layers={n}",))
+            for m, default in (("unikd", 2), ("fitnet", 1)) for n in range(4) if n != default]
+    out += [Variant("controls", "UniKD, untrained AKEs", stage1=("train.lr=1e-12", "train.max_iters=1")),
+            Variant("controls", f"alone, {2 * alone_epochs} epochs", method="none", epochs=2 * alone_epochs),
+            Variant("controls", f"alone, {matched_epochs} epochs (UniKD's time)", method="none",
+                    epochs=matched_epochs)]
+    out += [Variant("kd", f"{TITLES[t]} {m}", teacher=t, method=m) for t in KD_TEACHERS for m in ("fgd", "mgd", "pkd")]
+    return out
+
+
+def ake_folder(runs: Path, variant: Variant) -> Path:
+    """The AKEs a UniKD variant reads: the matrix's of its teacher, or its own when it changes stage 1."""
+    key = "_".join(slug(o) for o in variant.stage1)
+    return runs / (f"ake_{variant.teacher}_{key}" if key else f"ake_{variant.teacher}")
+
+
+def references(variant: Variant) -> list[str]:
+    """The methods of the matrix's runs of ``variant``'s pair that its table row is read against: the student
+    alone, the run it changes, and FitNet and UniKD for the feature baselines and the controls."""
+    wanted = {"none", variant.method} | ({"fitnet", "unikd"} if variant.group == "kd" else set())
+    wanted |= {"unikd"} if variant.group == "controls" else set()
+    return [m for m in ("none", "fitnet", "unikd") if m in wanted]
+
+
+def matrix_prefix(teacher: str, method: str) -> str:
+    """The matrix's run (and JSON) of a pair and method is ``PREFIX_sSEED``."""
+    return "none" if method == "none" else f"{teacher}_{method}"
+
+
+def matched_epochs(steps: dict, student: str, teacher: str, epochs: int) -> int:
+    """The student alone's epochs that take as long as its UniKD run of ``epochs`` (``benchmarks/matrix_cost.py``'s
+    measured step times), rounded up."""
+    return math.ceil(epochs * steps[f"{teacher} -> {student}: unikd"]["step"] / steps[f"{student}: none"]["step"])
+
+
+def schedule(args, chosen: list[Variant], threads: int) -> None:
+    """Every AKE set, matrix run and variant run that ``chosen`` needs, each once: the AKEs, then the runs (a
+    UniKD run waits for its AKEs)."""
+    results = args.results / "ablations"
+    # (variant, seed, whether it is the variant's own run or one of the matrix's) per run folder
+    runs: dict[Path, tuple[Variant, int, bool]] = {}
+    for variant in chosen:
+        for seed in args.seeds:
+            for method in references(variant):
+                matrix_run = Variant("", "", variant.teacher, method, student=variant.student)
+                out = student_folder(args.runs, variant.student) / f"{matrix_prefix(variant.teacher, method)}_s{seed}"
+                runs.setdefault(out, (matrix_run, seed, False))
+            runs[args.runs / "ablations" / f"{variant.name}_s{seed}"] = (variant, seed, True)
+    ake_sets = {ake_folder(args.runs, v): v for v, _, _ in runs.values() if v.method == "unikd"}
+
+    def stage1(variant: Variant) -> None:
+        out = ake_folder(args.runs, variant)
+        check_ake_file(out / "ake.safetensors")
+        run_job(pretrain_command(args, variant.teacher, args.configs, variant.stage1), out, "report.json", threads)
+        record(results if variant.stage1 else args.results, out, out.name)
+
+    def stage2(out: Path, variant: Variant, seed: int, own: bool) -> None:
+        if variant.method == "unikd":
+            akes[ake_folder(args.runs, variant)].result()
+        epochs = variant.epochs or args.student_epochs.get(variant.student)
+        run_job(distill_command(args, variant.student, variant.teacher, variant.method, seed, args.configs, epochs,
+                                ake_folder(args.runs, variant), variant.stage2), out, "eval.json", threads)
+        epochs = epochs or load_config(student_config(variant.student, args.configs)).train.epochs
+        extra = {"teacher": variant.teacher, "method": variant.method, "seed": seed, "epochs": epochs}
+        if own:
+            extra |= {"variant": variant.name, "group": variant.group, "label": variant.label,
+                      "student": variant.student}
+        record(results if own else student_folder(args.results, variant.student), out, out.name, extra)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        akes: dict[Path, Future] = {folder: pool.submit(stage1, v) for folder, v in ake_sets.items()}
+        jobs = [pool.submit(stage2, out, *job) for out, job in runs.items()]
+        for job in [*akes.values(), *jobs]:
+            job.result()
+
+
+def per_seed(runs: dict[str, dict], prefix: str) -> dict[int, float]:
+    """AP (%) per seed of the JSONs named ``PREFIX_sS``."""
+    return {r["seed"]: 100 * r["metrics"]["AP"] for name, r in runs.items() if name.rsplit("_s", 1)[0] == prefix}
+
+
+def differences(values: dict[int, float], base: dict[int, float]) -> str:
+    """``mean ± std`` of the per-seed differences (``–`` with no common seed)."""
+    diffs = [values[s] - base[s] for s in sorted(values) if s in base]
+    return ("+" if diffs and statistics.mean(diffs) >= 0 else "") + mean_std(diffs) if diffs else "–"
+
+
+def row(label: str, values: dict[int, float], alone: dict[int, float], base: dict[int, float] | None) -> str:
+    return (f"| {label} | {len(values)} | {mean_std(list(values.values()))} | {differences(values, alone)} | "
+            f"{differences(values, base) if base is not None else '–'} |")
+
+
+def tables(results: Path) -> list[str]:
+    """Per group with results: the matrix's runs its variants are read against, then the variants."""
+    own = load_results(results / "ablations")
+    lines = []
+    for group, title in GROUPS.items():
+        variants_run = {r["variant"]: r for r in own.values() if r.get("group") == group}
+        if not variants_run:
+            continue
+        lines += ["", f"**{title}**", "", "| run | seeds | AP | − student alone | − the matrix's run of its method |",
+                  "|---|---|---|---|---|"]
+        shown = set()
+        for name, r in variants_run.items():
+            matrix = load_results(student_folder(results, r["student"]))
+            alone = per_seed(matrix, "none")
+            for method in references(Variant(group, "", r["teacher"], r["method"])):
+                if (r["student"], r["teacher"], method) not in shown:
+                    shown.add((r["student"], r["teacher"], method))
+                    label = "student alone" if method == "none" else f"matrix: {TITLES[r['teacher']]} {method}"
+                    lines.append(row(label, per_seed(matrix, matrix_prefix(r["teacher"], method)), alone, None))
+            base = per_seed(matrix, matrix_prefix(r["teacher"], r["method"]))
+            lines.append(row(r["label"], per_seed(own, name), alone,
+                             base if r["method"] in ("none", "fitnet", "unikd") else None))
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--groups", nargs="+", choices=list(GROUPS), default=list(GROUPS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--configs", type=Path, default=DIGITS)
+    parser.add_argument("--student-epochs", nargs="+", type=student_epochs, default=[], metavar="STUDENT=N",
+                        help="as matrix.py's: the profile's stage-2 epochs of a student in place of its config's")
+    parser.add_argument("--steps-file", type=Path, default=STEPS, help="matrix_cost.py's measured step times")
+    add_run_arguments(parser)
+    args = parse_plan(parser)
+    if not args.table_only:
+        steps = json.loads(args.steps_file.read_text())["jobs"]
+        alone = args.student_epochs.get("retinanet") or load_config(student_config("retinanet", args.configs)).train.epochs
+        chosen = [v for v in variants(alone, matched_epochs(steps, "retinanet", "retinanet", alone))
+                  if v.group in args.groups]
+        check_teachers(argparse.Namespace(**{**vars(args), "families": sorted({v.teacher for v in chosen})}))
+        tic = time.time()
+        schedule(args, chosen, job_threads(args))
+        print(f"done in {(time.time() - tic) / 60:.1f} min")
+    command = "python benchmarks/ablations.py " + " ".join(sys.argv[1:])
+    lines = ["## Ablations, controls and feature baselines", "",
+             f"Command: `{command}` (table written {datetime.date.today()}, {os.cpu_count()} CPU cores; every figure "
+             f"is read from `{shown(args.results)}/ablations/*.json` and the matrix's JSONs). Val AP on "
+             f"{args.data.name}: per run, the mean ± sample std over its seeds, then the mean ± std over the seeds of "
+             "its difference with the student alone and with the matrix's run of the same pair and method (same "
+             "seed).", *tables(args.results)]
+    section = "\n".join(lines) + "\n"
+    replace_section(args.doc, section, title="# Results")
+    print(section)
+
+
+if __name__ == "__main__":
+    main()
