@@ -134,10 +134,10 @@ def schedule(args, threads: int, student: str, seeds: list[int], alone_seeds: li
 
 
 def pretrain_command(args, fam: str, configs: Path = DIGITS, overrides: tuple[str, ...] = ()) -> list[str]:
-    """``unikd pretrain-ake`` of ``fam``'s teacher on ``args.data`` with ``configs``' AKE config (and
-    ``--set`` each of ``overrides``), less ``--out``."""
+    """``unikd pretrain-ake`` of ``fam``'s teacher on ``args.ake_data`` (else ``args.data``) with ``configs``' AKE
+    config (and ``--set`` each of ``overrides``), less ``--out``."""
     return ["pretrain-ake", str(configs / AKE_CONFIG.name), "--teacher", str(teacher_checkpoint(args.teachers, fam)),
-            "--data", str(args.data), *[a for o in overrides for a in ("--set", o)]]
+            "--data", str(args.ake_data or args.data), *[a for o in overrides for a in ("--set", o)]]
 
 
 def distill_command(args, student: str, fam: str, method: str, seed: int, configs: Path = DIGITS,
@@ -229,6 +229,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "distill")
     parser.add_argument("--teachers", type=Path, default=ROOT / "runs" / "baselines")
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "digits-det")
+    parser.add_argument("--ake-data", type=Path, default=None,
+                        help="stage 1's dataset, when not --data (a smaller profile's AKEs on the teachers' data)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per job (default: cores / jobs); set it when other work shares the cores")

@@ -77,9 +77,10 @@ def estimate(args) -> list[str]:
     record = json.loads(args.steps_file.read_text())
     steps = record["jobs"]
     n_train, n_val = (len(CocoDetection(args.data, split, 128)) for split in ("train", "val"))
+    ake_train = len(CocoDetection(args.ake_data or args.data, "train", 128))
     ake_epochs = load_config(args.configs / "ake.yaml").train.epochs
     rows, total = [], 0.0
-    stage1 = sum(job_hours(steps[f"ake_{t}"], ake_epochs, n_train, n_val) for t in args.families)
+    stage1 = sum(job_hours(steps[f"ake_{t}"], ake_epochs, ake_train, n_val) for t in args.families)
     for s in args.students:
         epochs = args.student_epochs.get(s) or load_config(args.configs / f"distill_{s}_r18.yaml").train.epochs
         alone = job_hours(steps[f"{s}: none"], epochs, n_train, n_val) * len(args.alone_seeds)
@@ -107,7 +108,7 @@ def estimate(args) -> list[str]:
         "|---|---|---|---|---|" + "---|" * len(METHODS) + "---|",
         *rows,
         "",
-        f"Stage 1 ({ake_epochs} epochs per teacher): {stage1:.1f} CPU h. **In all: {total:.1f} CPU hours, "
+        f"Stage 1 ({ake_epochs} epochs of {ake_train} images per teacher): {stage1:.1f} CPU h. **In all: {total:.1f} CPU hours, "
         f"{total / cores:.1f} hours on {cores} cores** (one single-thread run per core, no other work).",
     ]
 
@@ -116,6 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_plan_arguments(parser)
     parser.add_argument("--data", type=Path, default=ROOT / "cache" / "digits-det")
+    parser.add_argument("--ake-data", type=Path, default=None, help="stage 1's dataset, when not --data")
     parser.add_argument("--measure", action="store_true", help="measure the step times missing from the file")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)

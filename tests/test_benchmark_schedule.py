@@ -44,9 +44,9 @@ def recorded(monkeypatch, tmp_path):
 
 
 def schedule_args(tmp_path, families, jobs=2):
-    return argparse.Namespace(data=tmp_path / "data", runs=tmp_path / "runs", results=tmp_path / "results",
-                              teachers=tmp_path / "teachers", families=families, jobs=jobs, threads=1,
-                              wait_teachers=False)
+    return argparse.Namespace(data=tmp_path / "data", ake_data=None, runs=tmp_path / "runs",
+                              results=tmp_path / "results", teachers=tmp_path / "teachers", families=families,
+                              jobs=jobs, threads=1, wait_teachers=False)
 
 
 def option(args: list[str], name: str) -> str:
@@ -127,7 +127,10 @@ def test_student_epochs_reach_every_stage_2_run_and_a_folder_of_other_epochs_is_
     args.configs, args.students, args.seeds, args.alone_seeds, args.seeded_students = (
         distillation.DIGITS, ["atss", "fcos"], [0], [0], [])
     args.student_epochs = dict([matrix.student_epochs("atss=2")])
+    args.ake_data = tmp_path / "teachers_data"
     matrix.run_matrix(args)
+    for call in recorded:  # --ake-data for stage 1, --data for stage 2
+        assert option(call["args"], "--data") == str(args.ake_data if call["args"][0] == "pretrain-ake" else args.data)
     for call in recorded:
         if call["args"][0] == "distill":
             expected = "2" if "distill_atss" in call["args"][1] else None
@@ -171,7 +174,8 @@ def test_matrix_cost_adds_each_runs_steps_and_evaluation_times_its_seeds(tmp_pat
     steps_file.write_text(json.dumps({"command": "c", "date": "d", "threads": 1, "jobs": jobs}))
     args = argparse.Namespace(steps_file=steps_file, data=data, configs=distillation.DIGITS, families=["fcos"],
                               students=["atss", "deformable_detr"], seeds=[0], alone_seeds=[0, 1, 2],
-                              seeded_students=["deformable_detr"], student_epochs={"deformable_detr": 4})
+                              seeded_students=["deformable_detr"], student_epochs={"deformable_detr": 4},
+                              ake_data=None)
     section = "\n".join(matrix_cost.estimate(args))
     ake = 5 * 3 * 1.0 + 2 * 2.0  # ake.yaml: 5 epochs
     atss = 3 * (3 * 3 * 3.0 + 2 * 5.0) + (3 * 3 * 13.0 + 2) + (3 * 3 * 17.0 + 2)  # 3 epochs; cells on 1 seed
