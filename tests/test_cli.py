@@ -26,10 +26,11 @@ def error_line(capsys) -> str:
 def test_data_build_writes_a_coco_dataset(tmp_path, capsys):
     out = tmp_path / "d"
     assert cli.main(["data", "build", "digits-det", "--out", str(out), "--train", "3", "--val", "2",
-                     "--size", "48", "--seed", "5"]) == 0
+                     "--size", "48", "--seed", "5", "--heldout", "1"]) == 0
     train = json.loads((out / "annotations" / "instances_train.json").read_text())
     assert len(train["images"]) == 3 and train["images"][0]["width"] == 48
     assert len(json.loads((out / "annotations" / "instances_val.json").read_text())["images"]) == 2
+    assert len(json.loads((out / "annotations" / "instances_heldout.json").read_text())["images"]) == 1
     assert "ready" in capsys.readouterr().out
 
 

@@ -60,6 +60,25 @@ def test_complete_build_is_reused_and_other_parameters_rebuild(tmp_path):
     assert json.loads((out / "meta.json").read_text())["n_train"] == 3
 
 
+def test_heldout_split_is_the_train_stream_after_the_train_images_and_goes_with_a_rebuild(tiny, tmp_path):
+    """``n_heldout``: the images a 20-image train build has after its first 17, with their boxes and labels."""
+    from unikd.data import CocoDetection
+    out = build_digits_det(tmp_path / "h", seed=0, n_train=17, n_val=10, n_heldout=3)
+    held, train = load(out, "heldout"), load(tiny, "train")
+    assert [i["file_name"] for i in held["images"]] == [f"heldout/{i:06d}.png" for i in (1, 2, 3)]
+    for i in (1, 2, 3):
+        assert (out / "images" / f"heldout/{i:06d}.png").read_bytes() == \
+            (tiny / "images" / f"train/{17 + i:06d}.png").read_bytes()
+        objects = lambda coco, image: [(a["bbox"], a["category_id"], a["source_index"]) for a in coco["annotations"]
+                                       if a["image_id"] == image]
+        assert objects(held, i) == objects(train, 17 + i)
+    assert load(out, "train")["images"] == train["images"][:17]
+    assert load(out, "val") == load(tiny, "val")
+    assert len(CocoDetection(out, "heldout", 128)) == 3
+    build_digits_det(out, seed=0, n_train=17, n_val=10)
+    assert not (out / "images" / "heldout").exists() and not (out / "annotations" / "instances_heldout.json").exists()
+
+
 def test_train_and_val_digits_are_disjoint_real_mnist(tiny):
     _, labels = digits.load_mnist()
     pools = {split: set(digits.source_pool(split, len(labels)).tolist()) for split in ("train", "val")}

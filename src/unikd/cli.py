@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--train", type=int, default=2000, help="number of train images")
     build.add_argument("--val", type=int, default=500, help="number of val images")
+    build.add_argument("--heldout", type=int, default=0,
+                       help="train images held out of training, in the split 'heldout' (to choose settings on)")
     build.add_argument("--size", type=int, default=128, help="canvas side in pixels")
     build.add_argument("--masks", action="store_true", help="add each digit's instance mask (COCO RLE)")
     build.add_argument("--min-side", type=int, default=12, help="smallest digit side in pixels")
@@ -167,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "data":
             root = jobs.build_digits_det(args.out, seed=args.seed, n_train=args.train, n_val=args.val, size=args.size,
-                                        masks=args.masks, min_side=args.min_side, max_digits=args.max_digits)
+                                        masks=args.masks, min_side=args.min_side, max_digits=args.max_digits,
+                                        n_heldout=args.heldout)
             print(f"digits-det ready in {root}")
         elif args.command == "train":
             jobs.train_detector(config_from_args(args), args.out, _resume_path(args), args.overwrite)

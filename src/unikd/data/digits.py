@@ -37,6 +37,7 @@ MAX_OVERLAP = 0.3  # reject a placement whose intersection with a placed box exc
 PLACEMENT_TRIES = 16
 SHRINK = 0.7  # side factor after a failed placement
 SPLITS = ("train", "val")
+HELDOUT = "heldout"  # the optional split of train images held out of training
 MANIFEST = ".digits-det"
 
 
@@ -151,11 +152,16 @@ def source_pool(split: str, n_sources: int) -> np.ndarray:
 
 
 def build_split(out: Path, split: str, n: int, seed: int, size: int, digits, labels, masks: bool = False,
-                min_side: int = MIN_SIDE, max_digits: int = MAX_DIGITS) -> None:
+                min_side: int = MIN_SIDE, max_digits: int = MAX_DIGITS, stream: str | None = None,
+                skip: int = 0) -> None:
     """Write ``n`` PNGs to out/images/<split>/ and out/annotations/instances_<split>.json (with each digit's
-    ``segmentation`` if ``masks``)."""
-    rng = np.random.default_rng([seed, SPLITS.index(split)])
-    pool = source_pool(split, len(digits))
+    ``segmentation`` if ``masks``): the images of ``stream``'s random stream and source digits (``split``'s by
+    default) after its first ``skip``."""
+    stream = stream or split
+    rng = np.random.default_rng([seed, SPLITS.index(stream)])
+    pool = source_pool(stream, len(digits))
+    for _ in range(skip):
+        compose_image(rng, digits, labels, pool, size, min_side, max_digits)
     image_dir = out / "images" / split
     shutil.rmtree(image_dir, ignore_errors=True)
     image_dir.mkdir(parents=True)
@@ -197,22 +203,26 @@ def claim_folder(out: Path) -> None:
 
 
 def build_digits_det(out, seed: int = 0, n_train: int = 2000, n_val: int = 500, size: int = 128,
-                     masks: bool = False, min_side: int = MIN_SIDE, max_digits: int = MAX_DIGITS) -> Path:
+                     masks: bool = False, min_side: int = MIN_SIDE, max_digits: int = MAX_DIGITS,
+                     n_heldout: int = 0) -> Path:
     """Build digits-det into ``out`` (or reuse a complete build with the same parameters) and return it.
 
     ``size`` is the side of the square canvases in pixels; ``masks`` adds each digit's instance mask;
-    ``min_side`` (px) and ``max_digits`` bound the digits' sizes from below and their number per image. The same
-    parameters give byte-identical files.
+    ``min_side`` (px) and ``max_digits`` bound the digits' sizes from below and their number per image;
+    ``n_heldout`` > 0 adds the split ``heldout``: the next ``n_heldout`` images of the train split's stream, the
+    very images a build with ``n_train + n_heldout`` train images has after its first ``n_train``, to choose
+    settings on without touching val. The same parameters give byte-identical files.
     """
-    if min_side < 1 or max_digits < 1 or size < 2 * min_side or n_train < 1 or n_val < 1:
-        raise UserError(f"digits-det needs min_side, max_digits, n_train, n_val >= 1 and size >= 2 * min_side "
-                        f"(got size={size}, min_side={min_side}, max_digits={max_digits}, n_train={n_train}, "
-                        f"n_val={n_val})")
+    if min_side < 1 or max_digits < 1 or size < 2 * min_side or n_train < 1 or n_val < 1 or n_heldout < 0:
+        raise UserError(f"digits-det needs min_side, max_digits, n_train, n_val >= 1, n_heldout >= 0 and "
+                        f"size >= 2 * min_side (got size={size}, min_side={min_side}, max_digits={max_digits}, "
+                        f"n_train={n_train}, n_val={n_val}, n_heldout={n_heldout})")
     out = Path(out)
     meta = {"dataset": "digits-det", "version": FORMAT_VERSION, "seed": seed, "n_train": n_train, "n_val": n_val,
-            "size": size, "masks": masks, "min_side": min_side, "max_digits": max_digits}
+            "size": size, "masks": masks, "min_side": min_side, "max_digits": max_digits, "n_heldout": n_heldout}
     meta_path = out / "meta.json"
-    old_defaults = {"masks": False, "min_side": MIN_SIDE, "max_digits": MAX_DIGITS}  # builds older than the keys
+    # builds older than the keys
+    old_defaults = {"masks": False, "min_side": MIN_SIDE, "max_digits": MAX_DIGITS, "n_heldout": 0}
     if meta_path.is_file() and {**old_defaults, **json.loads(meta_path.read_text())} == meta:
         return out
     claim_folder(out)
@@ -227,5 +237,11 @@ def build_digits_det(out, seed: int = 0, n_train: int = 2000, n_val: int = 500, 
     digits = [ink_crop(d) for d in digits]
     for split, n in zip(SPLITS, (n_train, n_val)):
         build_split(out, split, n, seed, size, digits, labels, masks, min_side, max_digits)
+    if n_heldout:
+        build_split(out, HELDOUT, n_heldout, seed, size, digits, labels, masks, min_side, max_digits, stream="train",
+                    skip=n_train)
+    else:  # an earlier build's
+        shutil.rmtree(out / "images" / HELDOUT, ignore_errors=True)
+        (out / "annotations" / f"instances_{HELDOUT}.json").unlink(missing_ok=True)
     meta_path.write_text(json.dumps(meta, indent=1))
     return out
