@@ -1,7 +1,7 @@
 """Issue 13's runs beside the matrix: the ablations of the paper's Table 6, the controls, and FGD / MGD / PKD
 beside FitNet and UniKD, each a change to one of the matrix's runs, at the matrix's profile and sharing its runs.
 
-    python benchmarks/ablations.py [--groups a c d e f g controls kd] [--seeds 0 1 2] [--data DIR] [--runs DIR]
+    python benchmarks/ablations.py [--groups a c d e f g controls kd w] [--seeds 0 1 2] [--data DIR] [--runs DIR]
         [--teachers DIR] [--results DIR] [--student-epochs STUDENT=N ...] [--jobs 2] [--threads N]
     python benchmarks/ablations.py --table-only [--results DIR]
 
@@ -13,8 +13,12 @@ stage-2 setting, the method, or the student's epochs. Its runs go to ``RUNS/abla
 the same seed, and the student alone its ``none_sS``. Stage 1 and the matrix's runs that a variant needs are run
 here when missing (in the matrix's folders, so that either script's run serves both). Resumable as the matrix.
 
+When ``--data`` has a ``heldout`` split (``unikd data build digits-det --heldout K``), every run is also evaluated
+there (``RUN/eval_heldout.json``, in its JSON): FitNet's weight (group w) and UniKD's λ (group e) are chosen on it,
+never on val.
+
 The table (a section of docs/results.md) is built from the JSONs alone: per variant, its AP over the seeds and its
-difference with the matrix's run of each seed, mean ± sample std.
+difference with the matrix's run of each seed, mean ± sample std; then the weights chosen on the held-out images.
 """
 from __future__ import annotations
 
@@ -25,18 +29,20 @@ import math
 import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from distillation import (DIGITS, TITLES, add_run_arguments, check_teachers, distill_command, job_threads,
-                          load_results, mean_std, pretrain_command, record, student_config, student_folder)
+from distillation import (DIGITS, HELDOUT_METRICS, TITLES, add_run_arguments, check_teachers, distill_command,
+                          job_threads, load_results, mean_std, pretrain_command, record, student_config,
+                          student_folder)
 from doc_sections import replace_section
 from matrix import parse_plan, shown, student_epochs
 from matrix_cost import STEPS
-from runner import check_ake_file, run_job
+from runner import UNIKD, check_ake_file, run_job
 
 from unikd.config import load_config
 
@@ -74,6 +80,7 @@ GROUPS = {
          "matrix: UniKD 2, FitNet 1)",
     "controls": "Controls (RetinaNet → RetinaNet): untrained AKEs, the student alone trained longer",
     "kd": "FGD, MGD and PKD beside FitNet and UniKD (into the R18 RetinaNet)",
+    "w": "FitNet's weight (RetinaNet → RetinaNet; the matrix: 0.2); UniKD's λ is group e",
 }
 KD_TEACHERS = ("retinanet", "faster_rcnn", "fcos", "deformable_detr", "reppoints")  # 1 homogeneous, 4 not
 
@@ -95,6 +102,8 @@ def variants(alone_epochs: int, matched_epochs: int) -> list[Variant]:
             Variant("controls", f"alone, {matched_epochs} epochs (UniKD's time)", method="none",
                     epochs=matched_epochs)]
     out += [Variant("kd", f"{TITLES[t]} {m}", teacher=t, method=m) for t in KD_TEACHERS for m in ("fgd", "mgd", "pkd")]
+    out += [Variant("w", f"FitNet weight {v}", method="fitnet", stage2=(f"distill.fitnet_weight={v}",))
+            for v in (0.5, 1, 2, 4)]
     return out
 
 
@@ -150,6 +159,10 @@ def schedule(args, chosen: list[Variant], threads: int) -> None:
         epochs = variant.epochs or args.student_epochs.get(variant.student)
         run_job(distill_command(args, variant.student, variant.teacher, variant.method, seed, args.configs, epochs,
                                 ake_folder(args.runs, variant), variant.stage2), out, "eval.json", threads)
+        if (args.data / "annotations" / "instances_heldout.json").is_file() and not (out / HELDOUT_METRICS).is_file():
+            subprocess.run([UNIKD, "eval", "--checkpoint", str(out / "student.pt"), "--data", str(args.data),
+                            "--split", "heldout"], check=True, stdout=subprocess.DEVNULL,
+                           env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         epochs = epochs or load_config(student_config(variant.student, args.configs)).train.epochs
         extra = {"teacher": variant.teacher, "method": variant.method, "seed": seed, "epochs": epochs}
         if own:
@@ -205,6 +218,41 @@ def tables(results: Path) -> list[str]:
     return lines
 
 
+def heldout_per_seed(runs: dict[str, dict], prefix: str) -> dict[int, float]:
+    """Held-out AP (%) per seed of the JSONs named ``PREFIX_sS`` that have one."""
+    return {r["seed"]: 100 * r["heldout"]["AP"] for name, r in runs.items()
+            if name.rsplit("_s", 1)[0] == prefix and "heldout" in r}
+
+
+def weight_choice(results: Path) -> list[str]:
+    """FitNet's weight and UniKD's λ on RetinaNet → RetinaNet, each chosen by its mean AP on the held-out train
+    images (the matrix's run and the variants of groups w and e), with the val AP of every candidate."""
+    own, matrix = load_results(results / "ablations"), load_results(results)
+    alone = per_seed(matrix, "none")
+    candidates = {"fitnet": [("0.2 (the matrix)", matrix, "retinanet_fitnet")],
+                  "unikd": [("0.5 (the matrix)", matrix, "retinanet_unikd")]}
+    for variant, r in {r["variant"]: r for r in own.values() if r.get("group") in ("w", "e")}.items():
+        candidates[r["method"]].append((r["label"].split()[-1], own, variant))
+    lines = ["", "**Weights chosen on held-out train images** (RetinaNet → RetinaNet; `heldout`, never val)", "",
+             "| method | weight | seeds | held-out AP | val AP | val − student alone |", "|---|---|---|---|---|---|"]
+    chosen = {}
+    for method, runs in candidates.items():
+        scored = [(label, heldout_per_seed(folder, prefix), per_seed(folder, prefix)) for label, folder, prefix in runs]
+        scored = [c for c in scored if c[1]]
+        if not scored:
+            continue
+        best = max(scored, key=lambda c: statistics.mean(c[1].values()))
+        chosen[method] = best
+        for label, held, val in scored:
+            mark = " (chosen)" if label == best[0] else ""
+            lines.append(f"| {method} | {label}{mark} | {len(held)} | {mean_std(list(held.values()))} | "
+                         f"{mean_std(list(val.values()))} | {differences(val, alone)} |")
+    if len(chosen) == 2:
+        lines += ["", f"UniKD − FitNet on val, each at its chosen weight (per seed, mean ± std): "
+                      f"{differences(chosen['unikd'][2], chosen['fitnet'][2])}."]
+    return lines if len(lines) > 5 else []
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", nargs="+", choices=list(GROUPS), default=list(GROUPS))
@@ -230,7 +278,7 @@ def main() -> None:
              f"is read from `{shown(args.results)}/ablations/*.json` and the matrix's JSONs). Val AP on "
              f"{args.data.name}: per run, the mean ± sample std over its seeds, then the mean ± std over the seeds of "
              "its difference with the student alone and with the matrix's run of the same pair and method (same "
-             "seed).", *tables(args.results)]
+             "seed).", *tables(args.results), *weight_choice(args.results)]
     section = "\n".join(lines) + "\n"
     replace_section(args.doc, section, title="# Results")
     print(section)

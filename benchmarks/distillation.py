@@ -50,6 +50,7 @@ STUDENTS = sorted(p.stem[len("distill_"):-len("_r18")] for p in DIGITS.glob("dis
 TITLES = {"retinanet": "RetinaNet", "deformable_detr": "Deformable DETR", "atss": "ATSS", "fcos": "FCOS",
           "faster_rcnn": "Faster R-CNN", "reppoints": "RepPoints"}
 RESULTS = ROOT / "benchmarks" / "results" / "distillation"
+HELDOUT_METRICS = "eval_heldout.json"  # what ``unikd eval --split heldout`` writes beside the checkpoint
 
 
 def student_config(student: str, configs: Path = DIGITS) -> Path:
@@ -67,12 +68,15 @@ def teacher_checkpoint(teachers: Path, family: str) -> Path:
 
 
 def record(results: Path, run: Path, name: str, extra: dict | None = None) -> None:
-    """Copy a finished run's metrics (and its training minutes) into ``RESULTS/NAME.json``."""
+    """Copy a finished run's metrics (and its training minutes, and its held-out metrics when
+    ``benchmarks/ablations.py`` evaluated it there) into ``RESULTS/NAME.json``."""
     done = run / ("report.json" if name.startswith("ake_") else "eval.json")
     metrics = json.loads(done.read_text())
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     entry = {"name": name, "metrics": metrics, "train_minutes": max(r.get("train_seconds", 0) for r in logged) / 60,
              **(extra or {})}
+    if (run / HELDOUT_METRICS).is_file():
+        entry["heldout"] = json.loads((run / HELDOUT_METRICS).read_text())
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
 

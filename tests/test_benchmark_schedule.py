@@ -244,3 +244,60 @@ def test_ablation_tables_read_each_variant_against_the_student_alone_and_the_mat
     assert "| matrix: RetinaNet unikd | 2 | 23.0 ± 4.2 | +11.0 ± 1.4 | – |" in lines
     # λ = 2: 23 and 27; against the student alone +13 and +13, against the matrix's UniKD +3 and +1
     assert "| λ = 2 | 2 | 25.0 ± 2.8 | +13.0 ± 0.0 | +2.0 ± 1.4 |" in lines
+
+
+def test_weights_are_chosen_on_the_heldout_images_and_reported_on_val(tmp_path):
+    """FitNet 0.2 (the matrix) against 1: held-out 20 / 22 (mean) picks 1 although its val AP is lower; UniKD's
+    only candidate with a held-out AP is the matrix's."""
+    def write(folder, name, ap, heldout=None, **extra):
+        folder.mkdir(parents=True, exist_ok=True)
+        entry = {"metrics": {"AP": ap / 100}, **({"heldout": {"AP": heldout / 100}} if heldout is not None else {}),
+                 **extra}
+        (folder / f"{name}.json").write_text(json.dumps(entry))
+
+    for seed in (0, 1):
+        write(tmp_path, f"none_s{seed}", 10.0 + seed, seed=seed)
+        write(tmp_path, f"retinanet_fitnet_s{seed}", 20.0 + seed, heldout=19.0 + 2 * seed, seed=seed)
+        write(tmp_path, f"retinanet_unikd_s{seed}", 25.0, heldout=30.0, seed=seed)
+        write(tmp_path / "ablations", f"w_fitnet_weight_1_s{seed}", 18.0, heldout=22.0, seed=seed, method="fitnet",
+              variant="w_fitnet_weight_1", group="w", label="FitNet weight 1", teacher="retinanet",
+              student="retinanet")
+    lines = ablations.weight_choice(tmp_path)
+    assert "| fitnet | 0.2 (the matrix) | 2 | 20.0 ± 1.4 | 20.5 ± 0.7 | +10.0 ± 0.0 |" in lines
+    assert "| fitnet | 1 (chosen) | 2 | 22.0 ± 0.0 | 18.0 ± 0.0 | +7.5 ± 0.7 |" in lines
+    assert "| unikd | 0.5 (the matrix) (chosen) | 2 | 30.0 ± 0.0 | 25.0 ± 0.0 | +14.5 ± 0.7 |" in lines
+    assert lines[-1] == "UniKD − FitNet on val, each at its chosen weight (per seed, mean ± std): +7.0 ± 0.0."
+
+
+def test_record_keeps_a_runs_heldout_metrics(tmp_path):
+    run = tmp_path / "run"
+    finish(run, "eval.json")
+    (run / distillation.HELDOUT_METRICS).write_text(json.dumps({"AP": 0.5}))
+    distillation.record(tmp_path / "results", run, "x_s0", {"seed": 0})
+    entry = json.loads((tmp_path / "results" / "x_s0.json").read_text())
+    assert entry["heldout"] == {"AP": 0.5} and entry["metrics"] == {"AP": 0.25}
+
+
+def test_ablations_evaluate_every_run_on_the_heldout_split_when_the_data_has_one(recorded, tmp_path, monkeypatch):
+    evals = []
+
+    def fake_run(cmd, **kwargs):
+        evals.append(cmd)
+        out = Path(cmd[cmd.index("--checkpoint") + 1]).parent
+        (out / distillation.HELDOUT_METRICS).write_text(json.dumps({"AP": 0.3}))
+
+    monkeypatch.setattr(ablations.subprocess, "run", fake_run)
+    args = ablation_args(tmp_path)
+    args.seeds = [0]
+    (args.data / "annotations").mkdir(parents=True)
+    (args.data / "annotations" / "instances_heldout.json").write_text("{}")
+    chosen = [v for v in ablations.variants(3, 9) if v.name == "w_fitnet_weight_1"]
+    ablations.schedule(args, chosen, threads=1)
+    assert sorted(Path(option(c, "--checkpoint")).parent.name for c in evals) == [
+        "none_s0", "retinanet_fitnet_s0", "w_fitnet_weight_1_s0"]
+    assert all(c[1] == "eval" and option(c, "--split") == "heldout" and option(c, "--data") == str(args.data)
+               for c in evals)
+    entry = json.loads((args.results / "ablations" / "w_fitnet_weight_1_s0.json").read_text())
+    assert entry["heldout"] == {"AP": 0.3}
+    ablations.schedule(args, chosen, threads=1)
+    assert len(evals) == 3  # evaluated once
