@@ -201,15 +201,15 @@ def tables(results: Path) -> list[str]:
         variants_run = {r["variant"]: r for r in own.values() if r.get("group") == group}
         if not variants_run:
             continue
-        lines += ["", f"**{title}**", "", "| run | seeds | AP | − student alone | − the matrix's run of its method |",
-                  "|---|---|---|---|---|"]
-        shown = set()
+        header = "| run | seeds | AP | − student alone | − the matrix's run of its method |"
+        lines += ["", f"**{title}**", "", header, "|---|---|---|---|---|"]
+        listed = set()
         for name, r in variants_run.items():
             matrix = load_results(student_folder(results, r["student"]))
             alone = per_seed(matrix, "none")
             for method in references(Variant(group, "", r["teacher"], r["method"])):
-                if (r["student"], r["teacher"], method) not in shown:
-                    shown.add((r["student"], r["teacher"], method))
+                if (r["student"], r["teacher"], method) not in listed:
+                    listed.add((r["student"], r["teacher"], method))
                     label = "student alone" if method == "none" else f"matrix: {TITLES[r['teacher']]} {method}"
                     lines.append(row(label, per_seed(matrix, matrix_prefix(r["teacher"], method)), alone, None))
             base = per_seed(matrix, matrix_prefix(r["teacher"], r["method"]))
@@ -265,7 +265,8 @@ def main() -> None:
     args = parse_plan(parser)
     if not args.table_only:
         steps = json.loads(args.steps_file.read_text())["jobs"]
-        alone = args.student_epochs.get("retinanet") or load_config(student_config("retinanet", args.configs)).train.epochs
+        alone = (args.student_epochs.get("retinanet")
+                 or load_config(student_config("retinanet", args.configs)).train.epochs)
         chosen = [v for v in variants(alone, matched_epochs(steps, "retinanet", "retinanet", alone))
                   if v.group in args.groups]
         check_teachers(argparse.Namespace(**{**vars(args), "families": sorted({v.teacher for v in chosen})}))
@@ -276,8 +277,8 @@ def main() -> None:
     lines = ["## Ablations, controls and feature baselines", "",
              f"Command: `{command}` (table written {datetime.date.today()}, {os.cpu_count()} CPU cores; every figure "
              f"is read from `{shown(args.results)}/ablations/*.json` and the matrix's JSONs). Val AP on "
-             f"{args.data.name}: per run, the mean ± sample std over its seeds, then the mean ± std over the seeds of "
-             "its difference with the student alone and with the matrix's run of the same pair and method (same "
+             f"{args.data.name}: per run, the mean ± sample std over its seeds, then the mean ± std over the seeds "
+             "of its difference with the student alone and with the matrix's run of the same pair and method (same "
              "seed).", *tables(args.results), *weight_choice(args.results)]
     section = "\n".join(lines) + "\n"
     replace_section(args.doc, section, title="# Results")

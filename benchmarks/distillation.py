@@ -126,7 +126,8 @@ def schedule(args, threads: int, student: str, seeds: list[int], alone_seeds: li
             name = f"none_s{seed}" if method == "none" else f"{fam}_{method}_s{seed}"
             run_job(distill_command(args, student, fam, method, seed, configs, epochs), runs / name, "eval.json",
                     threads)
-            record(results, runs / name, name, {"teacher": fam, "method": method, "seed": seed, "epochs": stage2_epochs})
+            record(results, runs / name, name,
+                   {"teacher": fam, "method": method, "seed": seed, "epochs": stage2_epochs})
 
         for fam in args.families:
             akes[fam] = pool.submit(stage1, fam)

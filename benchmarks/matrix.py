@@ -238,8 +238,9 @@ def write_matrix(args, command: str) -> str:
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
-    """Which cells the matrix holds and with how many seeds: ``--students``, ``--teachers-families``, ``--seeds``,
-    ``--alone-seeds``, ``--seeded-students``, ``--configs``."""
+    """Which cells the matrix holds, with how many seeds, at which profile: ``--students``,
+    ``--teachers-families``, ``--seeds``, ``--alone-seeds``, ``--seeded-students``, ``--configs``,
+    ``--student-epochs``."""
     parser.add_argument("--students", nargs="+", choices=FAMILIES, default=list(ORDER),
                         help="R18 students to run, one after the other (default: all six)")
     parser.add_argument("--teachers-families", dest="families", nargs="+", choices=FAMILIES, default=list(FAMILIES),

@@ -13,8 +13,8 @@ its own, whatever else shares the machine.
 Without ``--measure``: from that file, the CPU hours of the matrix that ``matrix.py`` would run with the same
 options: each job's step time times its iterations (its config's epochs in ``--configs``, or
 ``--student-epochs``, over the train images of ``--data``) plus the evaluation (``predict`` over the val images),
-times its number of runs (its seeds), and the wall time on this machine's cores, one single-thread run per core. ``--doc`` writes the table into a
-section of docs/results.md named after the configs folder and the dataset.
+times its number of runs (its seeds), and the wall time on this machine's cores, one single-thread run per core.
+``--doc`` writes the table into a section of docs/results.md named after the configs folder and the dataset.
 """
 from __future__ import annotations
 
@@ -100,16 +100,18 @@ def estimate(args) -> list[str]:
         f"Command: `{command}` (written {datetime.date.today()}; step times: `{record['command']}`, "
         f"{record['date']}, in `{STEPS.relative_to(ROOT)}`, the models of configs/digits with fresh weights, "
         "CPU seconds of the measuring process beside other jobs). CPU hours at one thread: each "
-        f"run's steps (its epochs, the table's, over the {n_train} train images of {args.data.name}, batch {BATCH}) and "
-        f"its evaluation ({n_val} val images), times its seeds; teachers: {', '.join(TITLES[t] for t in args.families)}.",
+        f"run's steps (its epochs, the table's, over the {n_train} train images of {args.data.name}, batch "
+        f"{BATCH}) and its evaluation ({n_val} val images), times its seeds; teachers: "
+        f"{', '.join(TITLES[t] for t in args.families)}.",
         "",
         "| student (R18) | epochs | alone: seeds | alone: CPU h | cells: seeds | "
         + " | ".join(f"{m}: CPU h" for m in METHODS) + " | row: CPU h |",
         "|---|---|---|---|---|" + "---|" * len(METHODS) + "---|",
         *rows,
         "",
-        f"Stage 1 ({ake_epochs} epochs of {ake_train} images per teacher): {stage1:.1f} CPU h. **In all: {total:.1f} CPU hours, "
-        f"{total / cores:.1f} hours on {cores} cores** (one single-thread run per core, no other work).",
+        f"Stage 1 ({ake_epochs} epochs of {ake_train} images per teacher): {stage1:.1f} CPU h. "
+        f"**In all: {total:.1f} CPU hours, {total / cores:.1f} hours on {cores} cores** (one single-thread run per "
+        "core, no other work).",
     ]
 
 

@@ -225,7 +225,8 @@ def test_ablations_run_each_variant_beside_the_matrix_runs_it_is_read_against(re
     order = [c["out"] for c in recorded]
     assert order.index(args.runs / "ake_retinanet_ake_n_queries_200") < order.index(own / "c_n_200_s1")
     entry = json.loads((args.results / "ablations" / "e_2_s1.json").read_text())
-    assert (entry["variant"], entry["group"], entry["label"], entry["seed"], entry["epochs"]) == ("e_2", "e", "λ = 2", 1, 3)
+    assert (entry["variant"], entry["group"], entry["label"], entry["seed"], entry["epochs"]) == (
+        "e_2", "e", "λ = 2", 1, 3)
     assert "variant" not in json.loads((args.results / "retinanet_unikd_s1.json").read_text())
 
 
