@@ -302,3 +302,20 @@ def test_ablations_evaluate_every_run_on_the_heldout_split_when_the_data_has_one
     assert entry["heldout"] == {"AP": 0.3}
     ablations.schedule(args, chosen, threads=1)
     assert len(evals) == 3  # evaluated once
+
+
+def test_every_ablation_override_is_a_valid_config_key_that_takes_effect():
+    """A mistyped key would fail hours into a run: each variant's --set lines, on the config its job reads."""
+    from unikd.config import load_config, to_dict
+
+    def value(cfg, key):
+        section, name = key.split(".")
+        return to_dict(cfg)[section][name]
+
+    for variant in ablations.variants(3, 9):
+        for config, overrides in ((distillation.DIGITS / "ake.yaml", variant.stage1),
+                                  (distillation.student_config(variant.student), variant.stage2)):
+            cfg = load_config(config, list(overrides))
+            for override in overrides:
+                key, text = override.split("=")
+                assert str(value(cfg, key)) == text or value(cfg, key) == float(text), (variant.name, override)
