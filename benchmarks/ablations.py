@@ -158,7 +158,8 @@ def schedule(args, chosen: list[Variant], threads: int) -> None:
             akes[ake_folder(args.runs, variant)].result()
         epochs = variant.epochs or args.student_epochs.get(variant.student)
         run_job(distill_command(args, variant.student, variant.teacher, variant.method, seed, args.configs, epochs,
-                                ake_folder(args.runs, variant), variant.stage2), out, "eval.json", threads)
+                                ake_folder(args.runs, variant), variant.stage2), out, "eval.json", threads,
+                prune=True)
         if (args.data / "annotations" / "instances_heldout.json").is_file() and not (out / HELDOUT_METRICS).is_file():
             subprocess.run([UNIKD, "eval", "--checkpoint", str(out / "student.pt"), "--data", str(args.data),
                             "--split", "heldout"], check=True, stdout=subprocess.DEVNULL,

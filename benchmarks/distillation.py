@@ -125,7 +125,7 @@ def schedule(args, threads: int, student: str, seeds: list[int], alone_seeds: li
                 akes[fam].result()
             name = f"none_s{seed}" if method == "none" else f"{fam}_{method}_s{seed}"
             run_job(distill_command(args, student, fam, method, seed, configs, epochs), runs / name, "eval.json",
-                    threads)
+                    threads, prune=True)
             record(results, runs / name, name,
                    {"teacher": fam, "method": method, "seed": seed, "epochs": stage2_epochs})
 

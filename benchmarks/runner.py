@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +13,15 @@ from safetensors import safe_open
 UNIKD = str(Path(sys.executable).with_name("unikd"))
 
 
-def run_job(args: list[str], out: Path, done: str, threads: int) -> None:
+def run_job(args: list[str], out: Path, done: str, threads: int, prune: bool = False) -> None:
     """``unikd ARGS --out OUT`` with ``threads`` torch threads, unless ``OUT/done`` exists; continues from
     ``OUT/last.pt`` with ``--resume`` when a previous attempt left one (else ``--overwrite``). Output goes to
-    ``OUT/train.log``."""
+    ``OUT/train.log``. ``prune``: keep one training checkpoint while it runs, and none once it is done (a
+    stage-2 run is done with them: its ``student.pt`` stays), so that hundreds of runs fit on the disk."""
     if (out / done).exists():
         return
-    cmd = [UNIKD, *args, "--out", str(out), "--set", f"train.threads={threads}", "--set", "train.log_every=50"]
+    cmd = [UNIKD, *args, "--out", str(out), "--set", f"train.threads={threads}", "--set", "train.log_every=50",
+           *(["--set", "train.keep_checkpoints=0"] if prune else [])]
     # An attempt killed before its first checkpoint left only partial results: start afresh over them.
     cmd.append("--resume" if (out / "last.pt").exists() else "--overwrite")
     out.mkdir(parents=True, exist_ok=True)
@@ -27,6 +30,9 @@ def run_job(args: list[str], out: Path, done: str, threads: int) -> None:
         log.write(f"\n$ {' '.join(cmd)}\n")
         log.flush()
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if prune and (out / done).exists():
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "last.pt").unlink(missing_ok=True)
 
 
 def check_ake_file(path: Path) -> None:

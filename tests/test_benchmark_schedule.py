@@ -29,11 +29,11 @@ def recorded(monkeypatch, tmp_path):
     made as finished."""
     calls, lock = [], threading.Lock()
 
-    def run_job(args, out, done, threads):
+    def run_job(args, out, done, threads, prune=False):
         if (out / done).exists():
             return
         with lock:
-            calls.append({"args": args, "out": out, "threads": threads})
+            calls.append({"args": args, "out": out, "threads": threads, "prune": prune})
         finish(out, done)
 
     monkeypatch.setattr(distillation, "run_job", run_job)
@@ -91,6 +91,8 @@ def test_schedule_runs_stage_1_per_teacher_the_student_alone_per_seed_and_each_c
     assert json.loads((results / "none_s2.json").read_text())["method"] == "none"
     assert {p.stem for p in results.glob("teacher_*.json")} == {f"teacher_{f}" for f in families}
     assert all(call["threads"] == 1 for call in recorded)
+    # stage 2 runs prune their checkpoints once done; stage 1 (AKEs) and the teachers keep theirs
+    assert all(call["prune"] == (call["args"][0] == "distill") for call in recorded)
 
 
 def test_schedule_again_runs_only_what_is_new_and_records_every_run(recorded, tmp_path):
@@ -319,3 +321,34 @@ def test_every_ablation_override_is_a_valid_config_key_that_takes_effect():
             for override in overrides:
                 key, text = override.split("=")
                 assert str(value(cfg, key)) == text or value(cfg, key) == float(text), (variant.name, override)
+
+
+def test_run_job_prunes_a_finished_stage_2_run_to_its_results_and_resumes_an_unfinished_one(tmp_path, monkeypatch):
+    """``prune``: one checkpoint while it runs, none once done; the student, metrics and log stay. A run that
+    stopped before its end keeps its checkpoint and continues from it."""
+    import runner
+    fake = tmp_path / "unikd"
+    fake.write_text("""#!/bin/sh
+echo "$@" >> "$(dirname "$0")/calls"
+out=$(echo "$@" | sed 's/.*--out \\([^ ]*\\).*/\\1/')
+mkdir -p "$out/checkpoints" && touch "$out/checkpoints/step_1.pt" "$out/student.pt" "$out/metrics.jsonl"
+ln -sf checkpoints/step_1.pt "$out/last.pt"
+[ -f "$(dirname "$0")/fail" ] && exit 1
+echo '{"AP": 0.1}' > "$out/eval.json"
+""")
+    fake.chmod(0o755)
+    monkeypatch.setattr(runner, "UNIKD", str(fake))
+    out = tmp_path / "run"
+    (tmp_path / "fail").touch()
+    with pytest.raises(runner.subprocess.CalledProcessError):
+        runner.run_job(["distill", "c.yaml"], out, "eval.json", 1, prune=True)
+    assert (out / "last.pt").exists() and (out / "checkpoints").is_dir()  # an unfinished run keeps them
+    (tmp_path / "fail").unlink()
+    runner.run_job(["distill", "c.yaml"], out, "eval.json", 1, prune=True)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert "--overwrite" in calls[0] and "--resume" in calls[1]
+    assert all("train.keep_checkpoints=0" in call for call in calls)
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "metrics.jsonl", "student.pt", "train.log"]
+    runner.run_job(["train", "t.yaml"], tmp_path / "teacher", "eval.json", 1)  # no prune: a teacher's last.pt stays
+    assert (tmp_path / "teacher" / "last.pt").exists()
+    assert "keep_checkpoints" not in (tmp_path / "calls").read_text().splitlines()[-1]
