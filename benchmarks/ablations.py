@@ -36,9 +36,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from distillation import (DIGITS, HELDOUT_METRICS, TITLES, add_run_arguments, check_teachers, distill_command,
-                          job_threads, load_results, mean_std, pretrain_command, record, student_config,
-                          student_folder)
+from distillation import (DIGITS, HELDOUT_METRICS, TITLES, add_run_arguments, alone_teacher, check_teachers,
+                          distill_command, job_threads, load_results, mean_std, pretrain_command, record,
+                          student_config, student_folder)
 from doc_sections import replace_section
 from matrix import parse_plan, shown, student_epochs
 from matrix_cost import STEPS
@@ -157,7 +157,8 @@ def schedule(args, chosen: list[Variant], threads: int) -> None:
         if variant.method == "unikd":
             akes[ake_folder(args.runs, variant)].result()
         epochs = variant.epochs or args.student_epochs.get(variant.student)
-        run_job(distill_command(args, variant.student, variant.teacher, variant.method, seed, args.configs, epochs,
+        teacher = alone_teacher(args) if variant.method == "none" else variant.teacher
+        run_job(distill_command(args, variant.student, teacher, variant.method, seed, args.configs, epochs,
                                 ake_folder(args.runs, variant), variant.stage2), out, "eval.json", threads,
                 prune=True)
         if (args.data / "annotations" / "instances_heldout.json").is_file() and not (out / HELDOUT_METRICS).is_file():

@@ -89,6 +89,14 @@ def check_teachers(args) -> None:
                      "run benchmarks/baselines.py first, or pass --wait-teachers while it runs")
 
 
+def alone_teacher(args) -> str:
+    """The teacher every ``--method none`` run loads (and never runs): the first of FAMILIES with a finished
+    checkpoint, whatever teachers a schedule asks for, so that the matrix, the distillation table and the
+    ablations give the student alone the same command and can resume each other's runs."""
+    finished = [f for f in FAMILIES if (teacher_checkpoint(args.teachers, f).parent / "eval.json").exists()]
+    return finished[0] if finished else args.families[0]
+
+
 def job_threads(args) -> int:
     """Torch threads per job: ``--threads``, else the cores shared by the ``--jobs``."""
     return args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
@@ -132,7 +140,7 @@ def schedule(args, threads: int, student: str, seeds: list[int], alone_seeds: li
         for fam in args.families:
             akes[fam] = pool.submit(stage1, fam)
         # Not named ``runs``: stage2 reads that folder when it runs, after this line.
-        jobs = [pool.submit(stage2, args.families[0], "none", seed) for seed in alone_seeds]
+        jobs = [pool.submit(stage2, alone_teacher(args), "none", seed) for seed in alone_seeds]
         jobs += [pool.submit(stage2, fam, m, seed) for seed in seeds for m in METHODS for fam in args.families]
         for job in [*akes.values(), *jobs]:
             job.result()

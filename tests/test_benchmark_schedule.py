@@ -352,3 +352,17 @@ echo '{"AP": 0.1}' > "$out/eval.json"
     runner.run_job(["train", "t.yaml"], tmp_path / "teacher", "eval.json", 1)  # no prune: a teacher's last.pt stays
     assert (tmp_path / "teacher" / "last.pt").exists()
     assert "keep_checkpoints" not in (tmp_path / "calls").read_text().splitlines()[-1]
+
+
+def test_the_student_alone_loads_one_teacher_whichever_script_and_teachers_ask(recorded, tmp_path):
+    """``none`` runs: the first of FAMILIES with a finished teacher, in distillation.py's schedule (whatever its
+    families) and in ablations.py (whatever the variant's teacher), so either can resume the other's run."""
+    (tmp_path / "teachers" / "faster_rcnn_r50_teacher" / "eval.json").unlink()  # still training
+    args = schedule_args(tmp_path, ["retinanet"], jobs=1)
+    distillation.schedule(args, 1, "atss", seeds=[0], alone_seeds=[0])
+    ablation = ablation_args(tmp_path)
+    ablation.seeds = [1]
+    ablations.schedule(ablation, [v for v in ablations.variants(3, 9) if v.name == "kd_deformable_detr_pkd"], 1)
+    alone = [c["args"] for c in recorded if c["args"][0] == "distill" and option(c["args"], "--method") == "none"]
+    assert len(alone) == 2
+    assert {option(a, "--teacher") for a in alone} == {str(tmp_path / "teachers" / "fcos_r50_teacher" / "last.pt")}
