@@ -41,10 +41,12 @@ from distillation import (DIGITS, HELDOUT_METRICS, TITLES, add_run_arguments, al
                           student_config, student_folder)
 from doc_sections import replace_section
 from matrix import parse_plan, shown, student_epochs
-from matrix_cost import STEPS
+from matrix_cost import STEPS, job_hours
+from run_cost import BATCH
 from runner import UNIKD, check_ake_file, run_job
 
 from unikd.config import load_config
+from unikd.data import CocoDetection
 
 
 @dataclass(frozen=True)
@@ -255,6 +257,39 @@ def weight_choice(results: Path) -> list[str]:
     return lines if len(lines) > 5 else []
 
 
+def estimate(args, chosen: list[Variant], steps: dict) -> list[str]:
+    """The doc section of the CPU hours that ``chosen`` adds to the matrix, per group: each variant's runs (its
+    seeds, its epochs, val and held-out evaluation) and its own AKEs, from ``matrix_cost.py``'s step times. FGD,
+    MGD and PKD are not among those: their runs are counted at FitNet's step time (one adaptor layer, like
+    them); stage-1 variants at the AKE step of the matrix's settings."""
+    n_train, n_val = (len(CocoDetection(args.data, split, 128)) for split in ("train", "val"))
+    n_heldout = len(CocoDetection(args.data, "heldout", 128)) if (
+        args.data / "annotations" / "instances_heldout.json").is_file() else 0
+    ake_train = len(CocoDetection(args.ake_data or args.data, "train", 128))
+    hours: dict[str, float] = {}
+    for v in chosen:
+        method = v.method if v.method in ("none", "fitnet", "unikd") else "fitnet"
+        step = steps[f"{v.student}: none" if method == "none" else f"{v.teacher} -> {v.student}: {method}"]
+        epochs = (v.epochs or args.student_epochs.get(v.student)
+                  or load_config(student_config(v.student, args.configs)).train.epochs)
+        heldout = step["predict"] * math.ceil(n_heldout / BATCH) / 3600
+        runs = len(args.seeds) * (job_hours(step, epochs, n_train, n_val) + heldout)
+        if v.stage1:
+            stage1 = load_config(args.configs / "ake.yaml", list(v.stage1)).train
+            ake_epochs = stage1.epochs if stage1.max_iters == 0 else stage1.max_iters / math.ceil(ake_train / BATCH)
+            runs += job_hours(steps[f"ake_{v.teacher}"], ake_epochs, ake_train, n_val)
+        hours[v.group] = hours.get(v.group, 0.0) + runs
+    total = sum(hours.values())
+    return [f"## The ablations' compute on {args.data.name}", "",
+            f"Command: `python benchmarks/ablations.py {' '.join(sys.argv[1:])}` (written {datetime.date.today()}; "
+            f"step times of `{shown(STEPS)}`). CPU hours at one thread that each group adds to the "
+            f"matrix (whose runs it is read against are the matrix's): its runs on {len(args.seeds)} seeds, their "
+            f"val and held-out evaluation, and its own AKEs. FGD, MGD and PKD counted at FitNet's step time (not "
+            "measured); AKE variants at the matrix's AKE step time.", "",
+            "| group | CPU h |", "|---|---|", *[f"| {GROUPS[g]} | {h:.1f} |" for g, h in hours.items()], "",
+            f"**In all: {total:.1f} CPU hours, {total / os.cpu_count():.1f} hours on {os.cpu_count()} cores.**"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", nargs="+", choices=list(GROUPS), default=list(GROUPS))
@@ -263,14 +298,21 @@ def main() -> None:
     parser.add_argument("--student-epochs", nargs="+", type=student_epochs, default=[], metavar="STUDENT=N",
                         help="as matrix.py's: the profile's stage-2 epochs of a student in place of its config's")
     parser.add_argument("--steps-file", type=Path, default=STEPS, help="matrix_cost.py's measured step times")
+    parser.add_argument("--estimate", action="store_true",
+                        help="only write the CPU hours the chosen groups add to the matrix (docs section)")
     add_run_arguments(parser)
     args = parse_plan(parser)
+    steps = json.loads(args.steps_file.read_text())["jobs"]
+    alone = (args.student_epochs.get("retinanet")
+             or load_config(student_config("retinanet", args.configs)).train.epochs)
+    chosen = [v for v in variants(alone, matched_epochs(steps, "retinanet", "retinanet", alone))
+              if v.group in args.groups]
+    if args.estimate:
+        section = "\n".join(estimate(args, chosen, steps)) + "\n"
+        replace_section(args.doc, section, title="# Results")
+        print(section)
+        return
     if not args.table_only:
-        steps = json.loads(args.steps_file.read_text())["jobs"]
-        alone = (args.student_epochs.get("retinanet")
-                 or load_config(student_config("retinanet", args.configs)).train.epochs)
-        chosen = [v for v in variants(alone, matched_epochs(steps, "retinanet", "retinanet", alone))
-                  if v.group in args.groups]
         check_teachers(argparse.Namespace(**{**vars(args), "families": sorted({v.teacher for v in chosen})}))
         tic = time.time()
         schedule(args, chosen, job_threads(args))

@@ -366,3 +366,25 @@ def test_the_student_alone_loads_one_teacher_whichever_script_and_teachers_ask(r
     alone = [c["args"] for c in recorded if c["args"][0] == "distill" and option(c["args"], "--method") == "none"]
     assert len(alone) == 2
     assert {option(a, "--teacher") for a in alone} == {str(tmp_path / "teachers" / "fcos_r50_teacher" / "last.pt")}
+
+
+def test_ablation_estimate_against_a_hand_computation(tmp_path):
+    """20 train, 9 val, 11 held-out images (3, 2, 2 batches of 8), 2 seeds; minutes per step and per batch."""
+    from unikd.data import build_digits_det
+    data = build_digits_det(tmp_path / "data", n_train=20, n_val=9, n_heldout=11, size=64)
+    minutes = {"ake_retinanet": (1.0, 2.0), "retinanet -> retinanet: unikd": (3.0, 5.0),
+               "retinanet -> retinanet: fitnet": (7.0, 11.0), "retinanet: none": (13.0, 17.0)}
+    steps = {name: {"step": 60 * a, "predict": 60 * b} for name, (a, b) in minutes.items()}
+    args = ablation_args(tmp_path)
+    args.data = data
+    chosen = [v for v in ablations.variants(3, 9) if v.name in ("e_2", "controls_unikd_untrained_akes",
+                                                                "kd_retinanet_fgd", "controls_alone_6_epochs")]
+    section = "\n".join(ablations.estimate(args, chosen, steps))
+    runs = lambda step, predict, epochs: 2 * (step * epochs * 3 + predict * 2 + predict * 2)  # val and held-out
+    e = runs(3.0, 5.0, 3)
+    controls = runs(3.0, 5.0, 3) + (1.0 * 1 + 2.0 * 2) + runs(13.0, 17.0, 6)  # untrained AKEs: one step
+    kd = runs(7.0, 11.0, 3)  # FGD at FitNet's step time
+    assert f"| {ablations.GROUPS['e']} | {e / 60:.1f} |" in section
+    assert f"| {ablations.GROUPS['controls']} | {controls / 60:.1f} |" in section
+    assert f"| {ablations.GROUPS['kd']} | {kd / 60:.1f} |" in section
+    assert f"In all: {(e + controls + kd) / 60:.1f} CPU hours" in section
