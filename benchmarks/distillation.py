@@ -51,6 +51,7 @@ TITLES = {"retinanet": "RetinaNet", "deformable_detr": "Deformable DETR", "atss"
           "faster_rcnn": "Faster R-CNN", "reppoints": "RepPoints"}
 RESULTS = ROOT / "benchmarks" / "results" / "distillation"
 HELDOUT_METRICS = "eval_heldout.json"  # what ``unikd eval --split heldout`` writes beside the checkpoint
+NOT_LOSSES = ("epoch", "lr", "images_per_s", "train_seconds")  # what a metrics.jsonl line logs besides the losses
 
 
 def student_config(student: str, configs: Path = DIGITS) -> Path:
@@ -68,13 +69,16 @@ def teacher_checkpoint(teachers: Path, family: str) -> Path:
 
 
 def record(results: Path, run: Path, name: str, extra: dict | None = None) -> None:
-    """Copy a finished run's metrics (and its training minutes, and its held-out metrics when
-    ``benchmarks/ablations.py`` evaluated it there) into ``RESULTS/NAME.json``."""
+    """Copy a finished run's metrics, its training minutes, its logged training losses (``curve``: each logged
+    step's losses, to 4 significant digits, for the analysis of loss scales once the run folder is gone) and its
+    held-out metrics when ``benchmarks/ablations.py`` evaluated it there into ``RESULTS/NAME.json``."""
     done = run / ("report.json" if name.startswith("ake_") else "eval.json")
     metrics = json.loads(done.read_text())
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    curve = [{k: v if k == "step" else float(f"{v:.4g}") for k, v in r.items()
+              if k not in NOT_LOSSES and isinstance(v, (int, float))} for r in logged if "eval" not in r]
     entry = {"name": name, "metrics": metrics, "train_minutes": max(r.get("train_seconds", 0) for r in logged) / 60,
-             **(extra or {})}
+             **(extra or {}), "curve": curve}
     if (run / HELDOUT_METRICS).is_file():
         entry["heldout"] = json.loads((run / HELDOUT_METRICS).read_text())
     results.mkdir(parents=True, exist_ok=True)

@@ -272,13 +272,20 @@ def test_weights_are_chosen_on_the_heldout_images_and_reported_on_val(tmp_path):
     assert lines[-1] == "UniKD − FitNet on val, each at its chosen weight (per seed, mean ± std): +7.0 ± 0.0."
 
 
-def test_record_keeps_a_runs_heldout_metrics(tmp_path):
+def test_record_keeps_a_runs_heldout_metrics_and_its_loss_curve(tmp_path):
     run = tmp_path / "run"
     finish(run, "eval.json")
     (run / distillation.HELDOUT_METRICS).write_text(json.dumps({"AP": 0.5}))
+    logged = [{"step": 50, "epoch": 0.4, "lr": 1e-3, "images_per_s": 3.3, "train_seconds": 60.0, "loss": 1.2345678,
+               "classification": 0.7, "loss_kd_ct": 0.171781316},
+              {"step": 100, "epoch": 0.8, "lr": 1e-3, "images_per_s": 3.1, "train_seconds": 120.0, "loss": 1.0},
+              {"step": 100, "epoch": 1, "eval": {"AP": 0.1}}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
     distillation.record(tmp_path / "results", run, "x_s0", {"seed": 0})
     entry = json.loads((tmp_path / "results" / "x_s0.json").read_text())
-    assert entry["heldout"] == {"AP": 0.5} and entry["metrics"] == {"AP": 0.25}
+    assert entry["heldout"] == {"AP": 0.5} and entry["metrics"] == {"AP": 0.25} and entry["train_minutes"] == 2.0
+    assert entry["curve"] == [{"step": 50, "loss": 1.235, "classification": 0.7, "loss_kd_ct": 0.1718},
+                              {"step": 100, "loss": 1.0}]
 
 
 def test_ablations_evaluate_every_run_on_the_heldout_split_when_the_data_has_one(recorded, tmp_path, monkeypatch):
