@@ -66,6 +66,11 @@ class Variant:
     def name(self) -> str:
         return f"{self.group}_{slug(self.label)}"
 
+    @property
+    def job(self) -> str:
+        """Its stage-2 job's name in ``matrix_cost.py``'s step times."""
+        return f"{self.student}: none" if self.method == "none" else f"{self.teacher} -> {self.student}: {self.method}"
+
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
@@ -259,17 +264,18 @@ def weight_choice(results: Path) -> list[str]:
 
 def estimate(args, chosen: list[Variant], steps: dict) -> list[str]:
     """The doc section of the CPU hours that ``chosen`` adds to the matrix, per group: each variant's runs (its
-    seeds, its epochs, val and held-out evaluation) and its own AKEs, from ``matrix_cost.py``'s step times. FGD,
-    MGD and PKD are not among those: their runs are counted at FitNet's step time (one adaptor layer, like
-    them); stage-1 variants at the AKE step of the matrix's settings."""
+    seeds, its epochs, val and held-out evaluation) and its own AKEs, from ``matrix_cost.py``'s step times
+    (FGD, MGD and PKD's among them); stage-1 variants at the AKE step of the matrix's settings."""
     n_train, n_val = (len(CocoDetection(args.data, split, 128)) for split in ("train", "val"))
     n_heldout = len(CocoDetection(args.data, "heldout", 128)) if (
         args.data / "annotations" / "instances_heldout.json").is_file() else 0
     ake_train = len(CocoDetection(args.ake_data or args.data, "train", 128))
+    missing = sorted({v.job for v in chosen} - steps.keys())
+    if missing:
+        sys.exit(f"no step time for {', '.join(missing)}: run python benchmarks/matrix_cost.py --measure first")
     hours: dict[str, float] = {}
     for v in chosen:
-        method = v.method if v.method in ("none", "fitnet", "unikd") else "fitnet"
-        step = steps[f"{v.student}: none" if method == "none" else f"{v.teacher} -> {v.student}: {method}"]
+        step = steps[v.job]
         epochs = (v.epochs or args.student_epochs.get(v.student)
                   or load_config(student_config(v.student, args.configs)).train.epochs)
         heldout = step["predict"] * math.ceil(n_heldout / BATCH) / 3600
@@ -284,8 +290,7 @@ def estimate(args, chosen: list[Variant], steps: dict) -> list[str]:
             f"Command: `python benchmarks/ablations.py {' '.join(sys.argv[1:])}` (written {datetime.date.today()}; "
             f"step times of `{shown(STEPS)}`). CPU hours at one thread that each group adds to the "
             f"matrix (whose runs it is read against are the matrix's): its runs on {len(args.seeds)} seeds, their "
-            f"val and held-out evaluation, and its own AKEs. FGD, MGD and PKD counted at FitNet's step time (not "
-            "measured); AKE variants at the matrix's AKE step time.", "",
+            f"val and held-out evaluation, and its own AKEs; AKE variants at the matrix's AKE step time.", "",
             "| group | CPU h |", "|---|---|", *[f"| {GROUPS[g]} | {h:.1f} |" for g, h in hours.items()], "",
             f"**In all: {total:.1f} CPU hours, {total / os.cpu_count():.1f} hours on {os.cpu_count()} cores.**"]
 

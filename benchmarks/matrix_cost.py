@@ -6,7 +6,9 @@
 ``--measure``: the median CPU seconds of a training step (batch of 8 digits-det train images at 128 px, forward,
 backward, AdamW, after ``--warmup`` steps) and of a ``predict`` batch of every job the matrix makes: stage 1 per
 R50 teacher, each R18 student alone, FitNet and UniKD per teacher and student, with freshly initialised weights
-(the cost does not depend on their values), into ``benchmarks/results/matrix_steps.json``. Resumable: a job
+(the cost does not depend on their values), and FGD, MGD and PKD per teacher into the R18 RetinaNet (the
+feature-distillation baselines that ``benchmarks/ablations.py`` runs), into ``benchmarks/results/matrix_steps.json``.
+Resumable: a job
 already in the file is not measured again. CPU time of this process, so what a one-thread run takes on a core of
 its own, whatever else shares the machine.
 
@@ -37,14 +39,17 @@ from unikd.data import CocoDetection, collate
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ROOT / "benchmarks" / "results" / "matrix_steps.json"
+FEATURE_KD = ("fgd", "mgd", "pkd")  # measured into the R18 RetinaNet only, the student ablations.py gives them
 
 
 def jobs(students: list[str], teachers: list[str]) -> list[tuple[str, str, tuple]]:
     """``(name, kind, arguments)`` of every job of the matrix, in run_cost's terms: ``stage1`` per teacher, the
-    student alone (``none``, whose teacher is loaded but never run) and each method per teacher and student."""
+    student alone (``none``, whose teacher is loaded but never run) and each method per teacher and student; then
+    the :data:`FEATURE_KD` methods per teacher into the RetinaNet student."""
     plan = [(f"ake_{t}", "stage1", (t,)) for t in teachers]
     plan += [(f"{s}: none", "distill", (teachers[0], s, "none")) for s in students]
     plan += [(f"{t} -> {s}: {m}", "distill", (t, s, m)) for s in students for t in teachers for m in METHODS]
+    plan += [(f"{t} -> retinanet: {m}", "distill", (t, "retinanet", m)) for t in teachers for m in FEATURE_KD]
     return plan
 
 
