@@ -11,8 +11,9 @@ unikd itself, transformers from the package index) and runs itself again there.
 
 Per case: the same random inputs for both (float32), outputs and the three input gradients compared, then
 ``--reps`` interleaved repetitions (each implementation first in turn) of a forward pass and of a backward
-pass of a fixed upstream gradient, timed in CPU seconds of the process; the table gives the medians and
-ours / theirs. ``--before REV`` adds our
+pass of a fixed upstream gradient, timed in CPU seconds of the process; the table gives the medians and, paired
+within each repetition (the two ran back to back, under the same load), the median and interquartile range of
+ours / theirs over the repetitions. ``--before REV`` adds our
 core as it was at git revision ``REV`` (read with ``git show``) to the same interleaved run.
 """
 from __future__ import annotations
@@ -139,9 +140,20 @@ def compare(case, reps: int, before: str | None) -> dict:
             times[key][0].append(fwd)
             times[key][1].append(bwd)
     med = {key: [statistics.median(t) for t in pair] for key, pair in times.items()}
+    ratios = {f"{key}/theirs": [paired_ratio(times[key][i], times["theirs"][i]) for i in (0, 1)]
+              for key in impls if key != "theirs"}
     q = sum(h * w for h, w in shapes) if queries is None else queries
     return {"name": name, "size": f"{height} x {width}", "batch": batch, "queries": q,
-            "tokens": sum(h * w for h, w in shapes), "max_diff": diff, **med}
+            "tokens": sum(h * w for h, w in shapes), "max_diff": diff, **med, **ratios}
+
+
+def paired_ratio(ours: list[float], theirs: list[float]) -> tuple[float, float, float]:
+    """Median, first and third quartile of ``ours[i] / theirs[i]`` over the repetitions ``i``."""
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    low, _, high = statistics.quantiles(ratios, n=4)
+    return statistics.median(ratios), low, high
 
 
 def section(rows: list[dict], command: str, reps: int, before: str | None) -> str:
@@ -155,18 +167,18 @@ def section(rows: list[dict], command: str, reps: int, before: str | None) -> st
         "8 heads, 4 points; the same inputs and upstream gradient for both. Times: medians of "
         f"{reps} interleaved repetitions, CPU seconds of the process (`time.process_time`); max |diff|: over the output and the gradients of value, "
         "locations and weights." + (f" Before: our core at `{before}`." if before else ""), "",
-        "| case | image | batch | queries | tokens | max abs diff | fwd ours | fwd theirs | fwd ours/theirs "
-        "| bwd ours | bwd theirs | bwd ours/theirs |" + (" fwd before/theirs | bwd before/theirs |" if before else ""),
+        "| case | image | batch | queries | tokens | max abs diff | fwd ours | fwd theirs | fwd ours/theirs (IQR) "
+        "| bwd ours | bwd theirs | bwd ours/theirs (IQR) |"
+        + (" fwd before/theirs | bwd before/theirs |" if before else ""),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if before else ""),
     ]
     for r in rows:
         (fo, bo), (ft, bt) = r["ours"], r["theirs"]
+        fr, br = (f"{m:.2f} ({lo:.2f}–{hi:.2f})" for m, lo, hi in r["ours/theirs"])
         line = (f"| {r['name']} | {r['size']} | {r['batch']} | {r['queries']} | {r['tokens']} | "
-                f"{r['max_diff']['ours']:.1e} | {fo:.4f} | {ft:.4f} | {fo / ft:.2f} | {bo:.4f} | {bt:.4f} | "
-                f"{bo / bt:.2f} |")
+                f"{r['max_diff']['ours']:.1e} | {fo:.4f} | {ft:.4f} | {fr} | {bo:.4f} | {bt:.4f} | {br} |")
         if before:
-            fb, bb = r["before"]
-            line += f" {fb / ft:.2f} | {bb / bt:.2f} |"
+            line += " " + " | ".join(f"{m:.2f}" for m, _, _ in r["before/theirs"]) + " |"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
