@@ -8,9 +8,8 @@ backward, AdamW, after ``--warmup`` steps) and of a ``predict`` batch of every j
 R50 teacher, each R18 student alone, FitNet and UniKD per teacher and student, with freshly initialised weights
 (the cost does not depend on their values), and FGD, MGD and PKD per teacher into the R18 RetinaNet (the
 feature-distillation baselines that ``benchmarks/ablations.py`` runs), into ``benchmarks/results/matrix_steps.json``.
-Resumable: a job
-already in the file is not measured again. CPU time of this process, so what a one-thread run takes on a core of
-its own, whatever else shares the machine.
+Resumable: a job already in the file is not measured again. CPU time of this process, so what a one-thread run
+takes on a core of its own, whatever else shares the machine.
 
 Without ``--measure``: from that file, the CPU hours of the matrix that ``matrix.py`` would run with the same
 options: each job's step time times its iterations (its config's epochs in ``--configs``, or
