@@ -15,7 +15,8 @@ from torchvision.ops import box_iou, deform_conv2d
 
 from unikd.config import ConfigError, DetectorConfig
 from unikd.detectors import build_detector
-from unikd.detectors.atss import atss_assign, centerness_target
+from unikd.detectors.atss import ATSSHead, atss_assign, centerness_target
+from unikd.detectors.atss import Scale as ATSSScale
 from unikd.detectors.reppoints import (
     max_iou_assign,
     point_assign,
@@ -101,15 +102,108 @@ def test_atss_candidate_over_the_threshold_needs_its_centre_inside_the_box():
     assert atss_assign(torch.cat([inside, anchors[1:]]), [3], gt, topk=3).tolist() == [0, -1, -1]
 
 
+def test_atss_candidates_of_equal_iou_meet_their_own_threshold():
+    """The threshold's edge: candidates of one IoU have std 0 (one candidate: no std, counted as 0), so the
+    threshold is their IoU and each is positive (IoU >= threshold), as in ATSS's code."""
+    gt = torch.tensor([[0.0, 0.0, 16.0, 16.0]])
+    assert atss_assign(torch.tensor([[2.0, 2, 18, 18]]), [1], gt).tolist() == [0]
+    mirrored = torch.tensor([[2.0, 2, 18, 18], [-2, -2, 14, 14]])  # both IoU 196/316, centres 2 px from gt's
+    assert atss_assign(mirrored, [2], gt).tolist() == [0, 0]
+
+
 def test_atss_without_ground_truth_assigns_background():
     anchors = grid_anchors(32, 8, 4)
-    assert atss_assign(anchors, [16], torch.zeros(0, 4)).tolist() == [-1] * 16
+    matched = atss_assign(anchors, [16], torch.zeros(0, 4))
+    assert matched.tolist() == [-1] * 16 and matched.dtype == torch.int64
 
 
 def test_centerness_target_by_hand():
-    anchors = torch.tensor([[0.0, 0, 8, 8], [2, 2, 6, 6]])  # centres (4, 4)
-    boxes = torch.tensor([[0.0, 0, 8, 8], [0, 0, 16, 6]])  # l, t, r, b = 4, 4, 4, 4 and 4, 4, 12, 2
-    torch.testing.assert_close(centerness_target(anchors, boxes), torch.tensor([1.0, math.sqrt(4 / 12 * 2 / 4)]))
+    anchors = torch.tensor([[0.0, 0, 8, 8], [2, 2, 6, 6], [0.2, 0.1, 0.6, 0.5]])  # centres (4, 4), (4, 4), (0.4, 0.3)
+    boxes = torch.tensor([[0.0, 0, 8, 8], [0, 0, 16, 6], [0, 0, 1, 0.8]])
+    # l, t, r, b = 4, 4, 4, 4; 4, 4, 12, 2; and under a pixel: 0.4, 0.3, 0.6, 0.5
+    expected = torch.tensor([1.0, math.sqrt(4 / 12 * 2 / 4), math.sqrt(0.4 / 0.6 * 0.3 / 0.5)])
+    torch.testing.assert_close(centerness_target(anchors, boxes), expected)
+
+
+def test_atss_scale_multiplies_its_level():
+    scale = ATSSScale()
+    torch.testing.assert_close(scale(torch.tensor([1.0, -2.0])), torch.tensor([1.0, -2.0]))  # starts at 1
+    with torch.no_grad():
+        scale.scale.fill_(3.0)
+    torch.testing.assert_close(scale(torch.tensor([1.0, -2.0])), torch.tensor([3.0, -6.0]))
+
+
+def focal_by_hand(logit: float, target: float, alpha: float = 0.25, gamma: float = 2.0) -> float:
+    p = 1 / (1 + math.exp(-logit))
+    p_t = p if target else 1 - p
+    return -(alpha if target else 1 - alpha) * (1 - p_t) ** gamma * math.log(p_t)
+
+
+def giou_loss_by_hand(a: list[float], b: list[float]) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    return 1 - (inter / union - (hull - union) / hull)
+
+
+def centerness_by_hand(anchor: list[float], box: list[float]) -> float:
+    cx, cy = (anchor[0] + anchor[2]) / 2, (anchor[1] + anchor[3]) / 2
+    l, t, r, b = cx - box[0], cy - box[1], box[2] - cx, box[3] - cy
+    return math.sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))
+
+
+def atss_losses_by_hand(outputs, anchors, targets, matched) -> dict[str, float]:
+    """ATSS's three losses as loops: focal over every anchor and class over the number of positives; GIoU of
+    the decoded box (weight 2) weighted by the centerness target, over the targets' sum; centerness BCE over
+    the number of positives."""
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    cls = box = box_weight = ctr = 0.0
+    positives = 0
+    for i, (image_anchors, target, match) in enumerate(zip(anchors, targets, matched)):
+        for a, g in enumerate(match.tolist()):
+            for k in range(outputs["cls_logits"].shape[2]):
+                label = g >= 0 and target["labels"][g].item() == k
+                cls += focal_by_hand(outputs["cls_logits"][i, a, k].item(), label)
+            if g < 0:
+                continue
+            positives += 1
+            anchor, gt_box = image_anchors[a].tolist(), target["boxes"][g].tolist()
+            decoded = coder.decode_single(outputs["bbox_regression"][i, a][None], image_anchors[a][None])[0].tolist()
+            weight = centerness_by_hand(anchor, gt_box)
+            box += giou_loss_by_hand(decoded, gt_box) * weight
+            box_weight += weight
+            p = 1 / (1 + math.exp(-outputs["bbox_ctrness"][i, a, 0].item()))
+            ctr += -(weight * math.log(p) + (1 - weight) * math.log(1 - p))
+    return {"classification": cls / positives, "bbox_regression": 2 * box / box_weight,
+            "bbox_ctrness": ctr / positives}
+
+
+@pytest.mark.parametrize("case", ["several positives, two images", "one positive"])
+def test_atss_losses_match_a_computation_by_hand(case):
+    """The head's losses against loops over anchors. With one positive the normalisers are its count (1) and its
+    centerness target (0.6 < 1), where a floor of the wrong size would show."""
+    torch.manual_seed(0)
+    if case == "one positive":  # the threshold test's layout: only the first anchor, centre (10, 10), is positive
+        anchors = [torch.tensor([[2.0, 2, 18, 18], [4, 4, 20, 20], [6, 6, 22, 22], [10, 10, 26, 26]])]
+        targets = [{"boxes": torch.tensor([[0.0, 0, 16, 16]]), "labels": torch.tensor([1])}]
+        matched = [atss_assign(anchors[0], [4], targets[0]["boxes"], topk=3)]
+        assert matched[0].tolist() == [0, -1, -1, -1]
+    else:
+        grid = torch.cat([grid_anchors(s, st, c) for s, st, c in [(32, 8, 8), (64, 16, 4), (128, 32, 2)]])
+        anchors = [grid, grid]
+        targets = [{"boxes": torch.tensor([[4.0, 6, 30, 40], [32, 30, 60, 62]]), "labels": torch.tensor([0, 2])},
+                   {"boxes": torch.tensor([[10.0, 12, 50, 36]]), "labels": torch.tensor([1])}]
+        matched = [atss_assign(grid, [64, 16, 4], t["boxes"]) for t in targets]
+        assert sum(int((m >= 0).sum()) for m in matched) >= 4
+    num = len(anchors[0])
+    outputs = {"cls_logits": torch.randn(len(anchors), num, 3), "bbox_regression": 0.3 * torch.randn(len(anchors), num, 4),
+               "bbox_ctrness": torch.randn(len(anchors), num, 1)}
+    head = build_detector(tiny("atss", anchor_sizes=[32, 64, 128, 256, 512]), 3).model.head
+    losses = head.compute_loss(targets, outputs, anchors, matched)
+    expected = atss_losses_by_hand(outputs, anchors, targets, matched)
+    assert {k: v.shape for k, v in losses.items()} == {k: torch.Size([]) for k in expected}
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-4), name
 
 
 def tiny(family: str, **overrides) -> DetectorConfig:
@@ -121,9 +215,18 @@ def test_atss_has_one_square_anchor_per_location_and_a_groupnorm_centerness_head
     generator = detector.model.anchor_generator
     assert generator.sizes == ((64,), (128,), (256,), (512,), (1024,))
     assert generator.num_anchors_per_location() == [1] * 5
+    for size, (cell,) in zip([64, 128, 256, 512, 1024], generator.cell_anchors):  # square, size x size
+        assert (cell[2] - cell[0]).item() == (cell[3] - cell[1]).item() == size
     head = detector.model.head
     assert sum(isinstance(m, torch.nn.GroupNorm) for m in head.modules()) == 8
     assert head.regression_head.bbox_ctrness.out_channels == 1 and len(head.regression_head.scales) == 5
+
+
+def test_atss_head_towers_take_the_number_of_convolutions():
+    head = ATSSHead(32, 3, num_levels=5, num_convs=2)
+    for tower in (head.classification_head.conv, head.regression_head.conv):
+        assert sum(isinstance(m, torch.nn.Conv2d) for m in tower.modules()) == 2
+        assert sum(isinstance(m, torch.nn.GroupNorm) for m in tower.modules()) == 2
 
 
 def test_atss_box_loss_vanishes_when_the_deltas_are_exact():
@@ -157,6 +260,9 @@ def test_points_to_boxes_by_hand():
     transfer = torch.tensor([math.log(2.0), 0.0])  # half width doubled, height kept
     moment = points_to_boxes_moment(points, transfer)
     torch.testing.assert_close(moment, torch.tensor([[2 - 2 * s, 2 - s, 2 + 2 * s, 2 + s]]))
+    # Leading axes are kept: [2, 3, 4, 2] point sets -> [2, 3, 4] boxes.
+    batched = points.expand(2, 3, 4, 2)
+    torch.testing.assert_close(points_to_boxes_minmax(batched), torch.tensor([0.0, 0.0, 4.0, 4.0]).expand(2, 3, 4))
 
 
 def bilinear(feature: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -260,7 +366,86 @@ def test_max_iou_assign_by_hand():
     assert max_iou_assign(boxes[[0, 1, 2, 5]], gts).tolist() == [0, 0, -2, -1]
     # gt 2 overlaps nothing (its best IoU is 0): it must not turn every zero-IoU box into a positive.
     assert max_iou_assign(boxes[[5]], gts).tolist() == [-1]
-    assert max_iou_assign(boxes, torch.zeros(0, 4)).tolist() == [-1] * 6
+    empty = max_iou_assign(boxes, torch.zeros(0, 4))
+    assert empty.tolist() == [-1] * 6 and empty.dtype == torch.int64
+
+
+def smooth_l1_by_hand(pred: list[float], target: list[float], scale: float, beta: float = 1 / 9) -> float:
+    diffs = [abs(p - t) / scale for p, t in zip(pred, target)]
+    return sum(0.5 * d * d / beta if d < beta else d - 0.5 * beta for d in diffs)
+
+
+def reppoints_losses_by_hand(model, outputs, anchors, targets, counts) -> tuple[dict[str, float], list[list[int]]]:
+    """RepPoints' three losses as loops over locations, and the refine-stage matches. The assigners are the
+    tested ones; the rest by hand: each location's level, stride and base scale from the level counts; boxes
+    = location + moment box of the points x stride; smooth L1 (beta 1/9) over the base scale, weights 0.5 and
+    1; focal over every class of every location not ignored; each stage over its number of positives."""
+    levels = [level for level, count in enumerate(counts) for _ in range(count)]
+    sizes = torch.tensor([float(s[0]) for s in model.anchor_generator.sizes])
+    transfer = model.head.moment_transfer.detach()
+    init = refine = cls = 0.0
+    num_init = num_refine = 0
+    refine_matches = []
+    for i, (image_anchors, target) in enumerate(zip(anchors, targets)):
+        centres = (image_anchors[:, :2] + image_anchors[:, 2:]) / 2
+
+        def boxes(key):
+            box = points_to_boxes_moment(outputs[key][i], transfer)  # [A, 4] in strides
+            stride = torch.tensor([float(model.head.strides[level]) for level in levels])
+            return centres.repeat(1, 2) + box * stride[:, None]
+
+        init_boxes, refine_boxes = boxes("points_init"), boxes("points_refine")
+        gts = target["boxes"]
+        matched = point_assign(centres, torch.tensor(levels), sizes, gts).tolist()
+        for a, g in enumerate(matched):
+            if g >= 0:
+                init += smooth_l1_by_hand(init_boxes[a].tolist(), gts[g].tolist(), sizes[levels[a]].item())
+                num_init += 1
+        matched = max_iou_assign(init_boxes, gts).tolist()
+        refine_matches.append(matched)
+        for a, g in enumerate(matched):
+            if g >= 0:
+                refine += smooth_l1_by_hand(refine_boxes[a].tolist(), gts[g].tolist(), sizes[levels[a]].item())
+                num_refine += 1
+            if g != -2:
+                for k in range(outputs["cls_logits"].shape[2]):
+                    label = g >= 0 and target["labels"][g].item() == k
+                    cls += focal_by_hand(outputs["cls_logits"][i, a, k].item(), label)
+    expected = {"classification": cls / max(1, num_refine), "bbox_init": 0.5 * init / max(1, num_init),
+                "bbox_refine": refine / max(1, num_refine)}
+    return expected, refine_matches
+
+
+@pytest.mark.parametrize("case", ["two images, an ignored box", "one positive per stage"])
+def test_reppoints_losses_match_a_computation_by_hand(case):
+    """The detector's losses against loops. Two levels of locations (4 x 4 at stride 8, 2 x 2 at 16); points
+    drawn at random around them. In the first case some init box has IoU between 0.4 and 0.5 with its best
+    ground truth (ignored: out of the classification loss); in the second one ground truth gets exactly one
+    positive in each stage, where a normaliser floored at the wrong count would show."""
+    detector = build_detector(tiny("reppoints", anchor_sizes=[16, 32, 64, 128, 256]), 3).model
+    grid = torch.cat([grid_anchors(16, 8, 4), grid_anchors(32, 16, 2)])
+    counts = [16, 4]
+    if case == "one positive per stage":
+        seed, targets = 1, [{"boxes": torch.tensor([[2.0, 3, 20, 17]]), "labels": torch.tensor([2])}]
+    else:
+        seed, targets = 0, [{"boxes": torch.tensor([[2.0, 3, 20, 17], [6, 10, 30, 26]]), "labels": torch.tensor([0, 2])},
+                            {"boxes": torch.tensor([[0.0, 0, 12, 14]]), "labels": torch.tensor([1])}]
+    gen = torch.Generator().manual_seed(seed)
+    b, a = len(targets), len(grid)
+    outputs = {"cls_logits": torch.randn(b, a, 3, generator=gen),
+               "points_init": torch.randn(b, a, 9, 2, generator=gen) * 0.8,
+               "points_refine": torch.randn(b, a, 9, 2, generator=gen) * 0.8}
+    anchors = [grid] * b
+    losses = detector.compute_loss(targets, outputs, anchors, counts)
+    expected, refine_matches = reppoints_losses_by_hand(detector, outputs, anchors, targets, counts)
+    flat = [g for matches in refine_matches for g in matches]
+    if case == "one positive per stage":
+        assert sum(g >= 0 for g in flat) == 1
+    else:
+        assert -2 in flat and sum(g >= 0 for g in flat) >= 3
+    assert {k: v.shape for k, v in losses.items()} == {k: torch.Size([]) for k in expected}
+    for name, value in expected.items():
+        assert losses[name].item() == pytest.approx(value, rel=1e-4), name
 
 
 def test_reppoints_point_transform_is_a_config_switch():

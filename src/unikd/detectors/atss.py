@@ -65,7 +65,9 @@ def atss_assign(anchors: Tensor, num_anchors_per_level: list[int], gt_boxes: Ten
         start += count
     candidates = torch.cat(candidates)  # [C, M], anchor indices
     candidate_ious = ious.gather(0, candidates)  # [C, M]
-    threshold = candidate_ious.mean(0) + candidate_ious.std(0).nan_to_num(0.0)  # [M]; std of 1 value: 0
+    threshold = candidate_ious.mean(0)  # [M]
+    if candidates.shape[0] > 1:  # the std of a single candidate is taken as 0
+        threshold = threshold + candidate_ious.std(0)
 
     is_candidate = torch.zeros_like(ious, dtype=torch.bool).scatter_(0, candidates, True)
     x, y = anchor_centres[:, :1], anchor_centres[:, 1:]  # [A, 1]
@@ -117,7 +119,7 @@ class ATSSRegressionHead(nn.Module):
     Input: L maps ``[B, C, H_l, W_l]``. Output: ``([B, A, 4], [B, A, 1])`` with ``A = sum_l H_l * W_l``.
     """
 
-    def __init__(self, channels: int, num_levels: int = 5, num_convs: int = 4):
+    def __init__(self, channels: int, num_levels: int, num_convs: int):
         super().__init__()
         self.conv = gn_tower(channels, num_convs)
         self.bbox_reg = nn.Conv2d(channels, 4, 3, padding=1)
@@ -130,8 +132,8 @@ class ATSSRegressionHead(nn.Module):
         deltas, ctrness = [], []
         for x, scale in zip(features, self.scales):
             x = self.conv(x)
-            deltas.append(flatten_levels(scale(self.bbox_reg(x)), 4))
-            ctrness.append(flatten_levels(self.bbox_ctrness(x), 1))
+            deltas.append(flatten_levels(scale(self.bbox_reg(x))))
+            ctrness.append(flatten_levels(self.bbox_ctrness(x)))
         return torch.cat(deltas, dim=1), torch.cat(ctrness, dim=1)
 
 
@@ -143,7 +145,7 @@ class ATSSHead(nn.Module):
     ``bbox_ctrness [B, A, 1]``: the keys FCOS's post-processing reads.
     """
 
-    def __init__(self, channels: int, num_classes: int, num_levels: int = 5, num_convs: int = 4):
+    def __init__(self, channels: int, num_classes: int, num_levels: int, num_convs: int = 4):
         super().__init__()
         self.box_coder = DeltaCoder()
         self.classification_head = FCOSClassificationHead(channels, 1, num_classes, num_convs,
@@ -189,22 +191,19 @@ class ATSSHead(nn.Module):
 class ATSS(FCOS):
     """torchvision's FCOS skeleton with ATSS's head, assigner and losses.
 
-    One square anchor per location (the anchor generator's size per level; the paper uses 8 x stride). The
-    default head is for the five levels P3-P7.
+    One square anchor per location (the anchor generator's size per level; the paper uses 8 x stride); the
+    assigner takes the paper's k = 9 candidates per level.
     Inference is FCOS's: score ``sqrt(sigmoid(cls) * sigmoid(centerness))``, top-k per level, batched NMS;
     boxes decoded from the anchor with :class:`DeltaCoder`.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, head: ATSSHead | None = None, topk: int = ATSS_TOPK,
-                 **kwargs):
-        head = head if head is not None else ATSSHead(backbone.out_channels, num_classes, num_levels=5)
+    def __init__(self, backbone: nn.Module, num_classes: int, head: ATSSHead, **kwargs):
         super().__init__(backbone, num_classes, head=head, **kwargs)
         self.box_coder = head.box_coder
-        self.topk = topk
 
     def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: list[Tensor],
                      num_anchors_per_level: list[int]) -> dict[str, Tensor]:
-        matched_idxs = [atss_assign(a, num_anchors_per_level, t["boxes"], self.topk) for a, t in zip(anchors, targets)]
+        matched_idxs = [atss_assign(a, num_anchors_per_level, t["boxes"]) for a, t in zip(anchors, targets)]
         return self.head.compute_loss(targets, head_outputs, anchors, matched_idxs)
 
 

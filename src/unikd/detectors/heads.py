@@ -30,6 +30,6 @@ def prior_bias(probability: float = 0.01) -> float:
     return -math.log((1 - probability) / probability)
 
 
-def flatten_levels(maps: Tensor, per_location: int) -> Tensor:
-    """``[B, per_location, H, W]`` -> ``[B, H*W, per_location]`` (locations in row-major order, as the anchors)."""
+def flatten_levels(maps: Tensor) -> Tensor:
+    """``[B, C, H, W]`` -> ``[B, H*W, C]`` (locations in row-major order, as the anchors)."""
     return maps.flatten(2).transpose(1, 2)

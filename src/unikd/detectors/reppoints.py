@@ -190,9 +190,9 @@ class RepPointsHead(nn.Module):
         cls_logits, points_init, points_refine = [], [], []
         for x in features:
             cls, init, refine = self.forward_level(x)
-            cls_logits.append(flatten_levels(cls, self.num_classes))
-            points_init.append(flatten_levels(init.flatten(1, 2), 2 * NUM_POINTS).unflatten(2, (NUM_POINTS, 2)))
-            points_refine.append(flatten_levels(refine.flatten(1, 2), 2 * NUM_POINTS).unflatten(2, (NUM_POINTS, 2)))
+            cls_logits.append(flatten_levels(cls))
+            points_init.append(flatten_levels(init.flatten(1, 2)).unflatten(2, (NUM_POINTS, 2)))
+            points_refine.append(flatten_levels(refine.flatten(1, 2)).unflatten(2, (NUM_POINTS, 2)))
         return {"cls_logits": torch.cat(cls_logits, 1), "points_init": torch.cat(points_init, 1),
                 "points_refine": torch.cat(points_refine, 1)}
 
@@ -223,14 +223,13 @@ class RepPoints(FCOS):
     of positives.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, head: RepPointsHead | None = None, **kwargs):
-        head = head if head is not None else RepPointsHead(backbone.out_channels, num_classes, [8, 16, 32, 64, 128])
+    def __init__(self, backbone: nn.Module, num_classes: int, head: RepPointsHead, **kwargs):
         super().__init__(backbone, num_classes, head=head, **kwargs)
 
     def level_strides(self, num_anchors_per_level: list[int], device: torch.device) -> tuple[Tensor, Tensor]:
         """``([A] level index, [A] stride)`` of the concatenated locations."""
         counts = torch.tensor(num_anchors_per_level, device=device)
-        levels = torch.repeat_interleave(torch.arange(len(counts), device=device), counts)
+        levels = torch.repeat_interleave(counts)  # [A]: 0 counts[0] times, then 1 ...
         return levels, torch.tensor(self.head.strides, dtype=torch.float32, device=device)[levels]
 
     def compute_loss(self, targets: list[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: list[Tensor],
