@@ -18,6 +18,7 @@ from unikd.detectors import build_detector
 from unikd.detectors.atss import ATSSHead, atss_assign, centerness_target
 from unikd.detectors.atss import Scale as ATSSScale
 from unikd.detectors.reppoints import (
+    RepPointsHead,
     max_iou_assign,
     point_assign,
     points_to_boxes_minmax,
@@ -263,6 +264,29 @@ def test_points_to_boxes_by_hand():
     # Leading axes are kept: [2, 3, 4, 2] point sets -> [2, 3, 4] boxes.
     batched = points.expand(2, 3, 4, 2)
     torch.testing.assert_close(points_to_boxes_minmax(batched), torch.tensor([0.0, 0.0, 4.0, 4.0]).expand(2, 3, 4))
+    torch.testing.assert_close(points_to_boxes_moment(batched, torch.zeros(2)),
+                               torch.tensor([2 - s, 2 - s, 2 + s, 2 + s]).expand(2, 3, 4))
+
+
+def test_reppoints_head_keeps_a_hundredth_of_the_moment_transfer_gradient():
+    """The box from the moment conversion uses the full transfer, but only MOMENT_MUL (0.01) of its gradient
+    reaches it; the head's towers are RepPoints' three GroupNorm convolutions; a bad conversion is refused."""
+    head = build_detector(tiny("reppoints"), 3).model.head
+    with torch.no_grad():
+        head.moment_transfer.copy_(torch.tensor([0.3, -0.2]))
+    points = torch.randn(5, 9, 2, generator=torch.Generator().manual_seed(0))
+    boxes = head.to_boxes(points)
+    reference = head.moment_transfer.detach().clone().requires_grad_(True)
+    expected = points_to_boxes_moment(points, reference)
+    torch.testing.assert_close(boxes, expected)
+    (gradient,) = torch.autograd.grad(boxes.square().sum(), head.moment_transfer)
+    (full,) = torch.autograd.grad(expected.square().sum(), reference)
+    torch.testing.assert_close(gradient, 0.01 * full)
+    for tower in (head.cls_tower, head.pts_tower):
+        assert sum(isinstance(m, torch.nn.Conv2d) for m in tower.modules()) == 3
+        assert sum(isinstance(m, torch.nn.GroupNorm) for m in tower.modules()) == 3
+    with pytest.raises(ValueError, match="point_transform: expected one of .*got 'corners'"):
+        RepPointsHead(32, 3, [8, 16], "corners")
 
 
 def bilinear(feature: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -338,6 +362,14 @@ def test_point_assign_matches_a_brute_force_loop(seed, pos_num):
     gts = torch.cat([random_boxes(gen, 6, 64), torch.tensor([[20.0, 20, 23, 24], [0, 0, 63, 60]])])
     matched = point_assign(locations, levels, scales, gts, pos_num)
     assert matched.tolist() == point_assign_brute_force(locations.tolist(), levels.tolist(), scales, gts, pos_num)
+    if pos_num == 1:  # the paper's one positive per ground truth is the default
+        assert point_assign(locations, levels, scales, gts).tolist() == matched.tolist()
+
+
+def test_point_assign_without_ground_truth_assigns_background():
+    locations = torch.tensor([[4.0, 4.0], [12.0, 4.0]])
+    matched = point_assign(locations, torch.tensor([0, 0]), torch.tensor([16.0]), torch.zeros(0, 4))
+    assert matched.tolist() == [-1, -1] and matched.dtype == torch.int64
 
 
 def test_point_assign_picks_the_level_by_box_size():
@@ -368,6 +400,14 @@ def test_max_iou_assign_by_hand():
     assert max_iou_assign(boxes[[5]], gts).tolist() == [-1]
     empty = max_iou_assign(boxes, torch.zeros(0, 4))
     assert empty.tolist() == [-1] * 6 and empty.dtype == torch.int64
+
+
+def test_max_iou_assign_thresholds_are_inclusive():
+    """IoU exactly 0.5 is positive, exactly 0.4 ignored (each ground truth's best box is another, exact one)."""
+    gts = torch.tensor([[0.0, 0, 10, 20], [100, 0, 110, 25]])
+    boxes = torch.tensor([[0.0, 0, 10, 20], [0, 0, 10, 10], [100, 0, 110, 25], [100, 0, 110, 10]])
+    torch.testing.assert_close(box_iou(boxes[[1, 3]], gts).diagonal(), torch.tensor([0.5, 0.4]))
+    assert max_iou_assign(boxes, gts).tolist() == [0, 0, 1, -2]
 
 
 def smooth_l1_by_hand(pred: list[float], target: list[float], scale: float, beta: float = 1 / 9) -> float:
@@ -455,8 +495,10 @@ def test_reppoints_point_transform_is_a_config_switch():
     moment = build_detector(tiny("reppoints"), 3)
     torch.testing.assert_close(moment.model.head.to_boxes(points), points_to_boxes_moment(points, torch.zeros(2)))
     assert moment.model.head.moment_transfer.requires_grad
-    with pytest.raises(ConfigError, match="model.point_transform"):
+    with pytest.raises(ConfigError, match="model.point_transform: expected one of moment, minmax, got 'corners'"):
         build_detector(tiny("reppoints", point_transform="corners"), 3)
+    for size, (cell,) in zip([8, 16, 32, 64, 128], moment.model.anchor_generator.cell_anchors):
+        assert (cell[2] - cell[0]).item() == (cell[3] - cell[1]).item() == size  # one square anchor: the base scale
     with pytest.raises(ConfigError, match="model.anchor_sizes"):
         build_detector(tiny("reppoints", anchor_sizes=[16, 32, 32, 64, 128]), 3)
 

@@ -39,7 +39,7 @@ INIT_WEIGHT, REFINE_WEIGHT = 0.5, 1.0  # box-loss weights of the two stages
 POS_IOU, NEG_IOU = 0.5, 0.4  # refine-stage max-IoU thresholds
 
 
-def kernel_grid(kernel: int = 3) -> Tensor:
+def kernel_grid(kernel: int) -> Tensor:
     """The regular sampling positions of a ``kernel x kernel`` convolution, ``[kernel**2, 2]`` as ``(x, y)``
     offsets from the centre, in deformable convolution's kernel order (row-major)."""
     r = torch.arange(kernel, dtype=torch.float32) - (kernel - 1) / 2
@@ -96,7 +96,7 @@ def point_assign(locations: Tensor, levels: Tensor, level_scales: Tensor, gt_box
     wh = (gt_boxes[:, 2:] - gt_boxes[:, :2]).clamp(min=1e-6)
     size = wh.prod(dim=1).sqrt()
     gt_levels = (torch.searchsorted(level_scales.contiguous(), size.contiguous(), right=True) - 1)
-    gt_levels = gt_levels.clamp(0, len(level_scales) - 1)  # [M]
+    gt_levels = gt_levels.clamp(min=0)  # [M]; searchsorted gives at most L, so at most L - 1 here
     centres = (gt_boxes[:, :2] + gt_boxes[:, 2:]) / 2
     distance = ((locations[:, None, :] - centres[None]) / wh[None]).norm(dim=2)  # [A, M]
     distance = distance.masked_fill(levels[:, None] != gt_levels[None, :], float("inf"))
@@ -144,13 +144,12 @@ class RepPointsHead(nn.Module):
     ``to_boxes(points [..., 9, 2]) -> [..., 4]`` is the point-to-box conversion, in the same units.
     """
 
-    def __init__(self, channels: int, num_classes: int, strides: list[int], point_transform: str = "moment",
+    def __init__(self, channels: int, num_classes: int, strides: list[int], point_transform: str,
                  num_convs: int = 3, point_channels: int | None = None):
         super().__init__()
         if point_transform not in POINT_TRANSFORMS:
             raise ValueError(f"point_transform: expected one of {POINT_TRANSFORMS}, got '{point_transform}'")
         point_channels = point_channels or channels
-        self.num_classes = num_classes
         self.strides = list(strides)
         self.point_transform = point_transform
         self.cls_tower = gn_tower(channels, num_convs)
