@@ -196,9 +196,9 @@ def test_atss_losses_match_a_computation_by_hand(case):
                    {"boxes": torch.tensor([[10.0, 12, 50, 36]]), "labels": torch.tensor([1])}]
         matched = [atss_assign(grid, [64, 16, 4], t["boxes"]) for t in targets]
         assert sum(int((m >= 0).sum()) for m in matched) >= 4
-    num = len(anchors[0])
-    outputs = {"cls_logits": torch.randn(len(anchors), num, 3), "bbox_regression": 0.3 * torch.randn(len(anchors), num, 4),
-               "bbox_ctrness": torch.randn(len(anchors), num, 1)}
+    b, a = len(anchors), len(anchors[0])
+    outputs = {"cls_logits": torch.randn(b, a, 3), "bbox_regression": 0.3 * torch.randn(b, a, 4),
+               "bbox_ctrness": torch.randn(b, a, 1)}
     head = build_detector(tiny("atss", anchor_sizes=[32, 64, 128, 256, 512]), 3).model.head
     losses = head.compute_loss(targets, outputs, anchors, matched)
     expected = atss_losses_by_hand(outputs, anchors, targets, matched)
@@ -468,8 +468,9 @@ def test_reppoints_losses_match_a_computation_by_hand(case):
     if case == "one positive per stage":
         seed, targets = 1, [{"boxes": torch.tensor([[2.0, 3, 20, 17]]), "labels": torch.tensor([2])}]
     else:
-        seed, targets = 0, [{"boxes": torch.tensor([[2.0, 3, 20, 17], [6, 10, 30, 26]]), "labels": torch.tensor([0, 2])},
-                            {"boxes": torch.tensor([[0.0, 0, 12, 14]]), "labels": torch.tensor([1])}]
+        seed, targets = 0, [
+            {"boxes": torch.tensor([[2.0, 3, 20, 17], [6, 10, 30, 26]]), "labels": torch.tensor([0, 2])},
+            {"boxes": torch.tensor([[0.0, 0, 12, 14]]), "labels": torch.tensor([1])}]
     gen = torch.Generator().manual_seed(seed)
     b, a = len(targets), len(grid)
     outputs = {"cls_logits": torch.randn(b, a, 3, generator=gen),
