@@ -26,7 +26,8 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
 
-# Mutation testing of distill/, transformer/, pyramid.py, ATSS and RepPoints (docs/testing.md); not part of `make test`. One mutant at a time.
+# Mutation testing of distill/, transformer/, pyramid.py, ATSS and RepPoints (docs/testing.md); not part of
+# `make test`. One mutant at a time.
 # Restrict with mutmut's mutant-name globs, e.g. make mutation MUTANTS='unikd.transformer.matcher.*'
 MUTANTS ?=
 MUTMUT_CHILDREN ?= 1
