@@ -11,7 +11,8 @@ stage-2 setting, the method, or the student's epochs. Its runs go to ``RUNS/abla
 ``RESULTS/ablations/NAME_sS.json``; the setting it is compared with (the matrix's: λ 0.5, N 100, one layer in
 ``f_e``, AKEs of 5 epochs, both query types, φ of 2 layers for UniKD and 1 for FitNet) is the matrix's own run of
 the same seed, and the student alone its ``none_sS``. Stage 1 and the matrix's runs that a variant needs are run
-here when missing (in the matrix's folders, so that either script's run serves both). Resumable as the matrix.
+here when missing (in the matrix's folders, so that either script's run serves both). Resumable as the matrix: a
+run whose JSON is recorded (with the held-out metrics it needs) is done, its folder kept or not.
 
 When ``--data`` has a ``heldout`` split (``unikd data build digits-det --heldout K``), every run is also evaluated
 there (``RUN/eval_heldout.json``, in its JSON): FitNet's weight (group w) and UniKD's λ (group e) are chosen on it,
@@ -37,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distillation import (DIGITS, HELDOUT_METRICS, TITLES, add_run_arguments, alone_teacher, check_teachers,
-                          distill_command, job_threads, load_results, mean_std, pretrain_command, record,
+                          distill_command, job_threads, load_results, mean_std, pretrain_command, record, recorded,
                           student_config, student_folder)
 from doc_sections import replace_section
 from matrix import parse_plan, shown, student_epochs
@@ -89,6 +90,7 @@ GROUPS = {
     "kd": "FGD, MGD and PKD beside FitNet and UniKD (into the R18 RetinaNet)",
     "w": "FitNet's weight (RetinaNet → RetinaNet; the matrix: 0.2); UniKD's λ is group e",
 }
+WEIGHT_GROUPS = ("w", "e")  # the groups whose weights are chosen on the held-out images
 KD_TEACHERS = ("retinanet", "faster_rcnn", "fcos", "deformable_detr", "reppoints")  # 1 homogeneous, 4 not
 
 
@@ -143,15 +145,26 @@ def schedule(args, chosen: list[Variant], threads: int) -> None:
     """Every AKE set, matrix run and variant run that ``chosen`` needs, each once: the AKEs, then the runs (a
     UniKD run waits for its AKEs)."""
     results = args.results / "ablations"
+    heldout = (args.data / "annotations" / "instances_heldout.json").is_file()
     # (variant, seed, whether it is the variant's own run or one of the matrix's) per run folder
     runs: dict[Path, tuple[Variant, int, bool]] = {}
+    chooses: set[Path] = set()  # the matrix's runs whose held-out AP takes part in choosing a weight
     for variant in chosen:
         for seed in args.seeds:
             for method in references(variant):
                 matrix_run = Variant("", "", variant.teacher, method, student=variant.student)
                 out = student_folder(args.runs, variant.student) / f"{matrix_prefix(variant.teacher, method)}_s{seed}"
                 runs.setdefault(out, (matrix_run, seed, False))
+                if variant.group in WEIGHT_GROUPS and method == variant.method:
+                    chooses.add(out)
             runs[args.runs / "ablations" / f"{variant.name}_s{seed}"] = (variant, seed, True)
+
+    def destination(variant: Variant, own: bool) -> Path:
+        return results if own else student_folder(args.results, variant.student)
+
+    # A run recorded in its JSON (with the held-out metrics it needs) is done, its folder kept or not.
+    runs = {out: (v, seed, own) for out, (v, seed, own) in runs.items()
+            if not recorded(destination(v, own), out.name, heldout and (own or out in chooses))}
     ake_sets = {ake_folder(args.runs, v): v for v, _, _ in runs.values() if v.method == "unikd"}
 
     def stage1(variant: Variant) -> None:
@@ -168,7 +181,7 @@ def schedule(args, chosen: list[Variant], threads: int) -> None:
         run_job(distill_command(args, variant.student, teacher, variant.method, seed, args.configs, epochs,
                                 ake_folder(args.runs, variant), variant.stage2), out, "eval.json", threads,
                 prune=True)
-        if (args.data / "annotations" / "instances_heldout.json").is_file() and not (out / HELDOUT_METRICS).is_file():
+        if heldout and not (out / HELDOUT_METRICS).is_file():
             subprocess.run([UNIKD, "eval", "--checkpoint", str(out / "student.pt"), "--data", str(args.data),
                             "--split", "heldout"], check=True, stdout=subprocess.DEVNULL,
                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
@@ -177,7 +190,7 @@ def schedule(args, chosen: list[Variant], threads: int) -> None:
         if own:
             extra |= {"variant": variant.name, "group": variant.group, "label": variant.label,
                       "student": variant.student}
-        record(results if own else student_folder(args.results, variant.student), out, out.name, extra)
+        record(destination(variant, own), out, out.name, extra)
 
     with ThreadPoolExecutor(args.jobs) as pool:
         akes: dict[Path, Future] = {folder: pool.submit(stage1, v) for folder, v in ake_sets.items()}
@@ -240,7 +253,7 @@ def weight_choice(results: Path) -> list[str]:
     alone = per_seed(matrix, "none")
     candidates = {"fitnet": [("0.2 (the matrix)", matrix, "retinanet_fitnet")],
                   "unikd": [("0.5 (the matrix)", matrix, "retinanet_unikd")]}
-    for variant, r in {r["variant"]: r for r in own.values() if r.get("group") in ("w", "e")}.items():
+    for variant, r in {r["variant"]: r for r in own.values() if r.get("group") in WEIGHT_GROUPS}.items():
         candidates[r["method"]].append((r["label"].split()[-1], own, variant))
     lines = ["", "**Weights chosen on held-out train images** (RetinaNet → RetinaNet; `heldout`, never val)", "",
              "| method | weight | seeds | held-out AP | val AP | val − student alone |", "|---|---|---|---|---|---|"]

@@ -7,7 +7,8 @@ UniKD, per seed.
 
 Needs the finished teachers of ``benchmarks/baselines.py`` (``TEACHERS/FAMILY_r50_teacher/last.pt`` beside its
 ``eval.json``; with ``--wait-teachers``, a teacher's stage 1 waits for one still in training). Jobs, each resumable
-(a finished one is skipped, an interrupted one continues from its ``last.pt``):
+(a finished one is skipped, and so is one whose JSON is in ``--results``, its run folder gone with an earlier
+machine; an interrupted one continues from its ``last.pt``):
 
 - stage 1 per teacher (one set of AKEs per teacher, shared by the seeds): ``unikd pretrain-ake
   configs/digits/ake.yaml --teacher T`` → ``RUNS/ake_FAMILY``;
@@ -85,6 +86,13 @@ def record(results: Path, run: Path, name: str, extra: dict | None = None) -> No
     (results / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
 
 
+def recorded(results: Path, name: str, heldout: bool = False) -> bool:
+    """Whether ``RESULTS/NAME.json`` records the run (with its held-out metrics, when ``heldout``): the committed
+    JSON stands for a finished run whose folder is gone (a new machine), which is then not run again."""
+    path = results / f"{name}.json"
+    return path.is_file() and (not heldout or "heldout" in json.loads(path.read_text()))
+
+
 def check_teachers(args) -> None:
     """Stop now when a teacher of ``args.families`` is missing or unfinished, unless ``--wait-teachers``."""
     for fam in args.families:
@@ -133,15 +141,18 @@ def schedule(args, threads: int, student: str, seeds: list[int], alone_seeds: li
             record(results, out, f"ake_{fam}")
 
         def stage2(fam: str, method: str, seed: int) -> None:
+            name = f"none_s{seed}" if method == "none" else f"{fam}_{method}_s{seed}"
+            if recorded(results, name):
+                return
             if method == "unikd":
                 akes[fam].result()
-            name = f"none_s{seed}" if method == "none" else f"{fam}_{method}_s{seed}"
             run_job(distill_command(args, student, fam, method, seed, configs, epochs), runs / name, "eval.json",
                     threads, prune=True)
             record(results, runs / name, name,
                    {"teacher": fam, "method": method, "seed": seed, "epochs": stage2_epochs})
 
-        for fam in args.families:
+        # Stage 1 only where a UniKD run is left to do: recorded runs need no AKEs.
+        for fam in [f for f in args.families if not all(recorded(results, f"{f}_unikd_s{s}") for s in seeds)]:
             akes[fam] = pool.submit(stage1, fam)
         # Not named ``runs``: stage2 reads that folder when it runs, after this line.
         jobs = [pool.submit(stage2, alone_teacher(args), "none", seed) for seed in alone_seeds]

@@ -3,6 +3,7 @@ student), with the ``unikd`` jobs replaced by a recorder that writes what a fini
 run, in which folders, in which order, and what each finished run records."""
 import argparse
 import json
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -107,6 +108,23 @@ def test_schedule_again_runs_only_what_is_new_and_records_every_run(recorded, tm
     assert {c["out"] for c in recorded[first:]} == {runs / "none_s1", runs / "atss_fitnet_s1", runs / "atss_unikd_s1"}
     again = {p: p.read_text() for p in (tmp_path / "results").rglob("*.json")}
     assert {p: again[p] for p in results} == results and len(again) == len(results) + 3
+
+
+def test_schedule_on_a_new_machine_runs_only_what_the_committed_jsons_lack(recorded, tmp_path):
+    """The run folders gone with an earlier machine, the JSONs kept: a run with its JSON is not run again, and
+    stage 1 runs only for a teacher with a UniKD run left to do."""
+    args = schedule_args(tmp_path, ["atss", "fcos"], jobs=1)
+    distillation.schedule(args, 1, "reppoints", seeds=[0, 1], alone_seeds=[0])
+    shutil.rmtree(args.runs)
+    first = len(recorded)
+    distillation.schedule(args, 1, "reppoints", seeds=[0, 1], alone_seeds=[0])
+    assert len(recorded) == first
+    (args.results / "reppoints" / "fcos_unikd_s1.json").unlink()
+    (args.results / "reppoints" / "atss_fitnet_s0.json").unlink()
+    distillation.schedule(args, 1, "reppoints", seeds=[0, 1], alone_seeds=[0])
+    runs = args.runs / "reppoints"
+    assert [c["out"] for c in recorded[first:]] == [args.runs / "ake_fcos", runs / "atss_fitnet_s0",
+                                                    runs / "fcos_unikd_s1"]
 
 
 def test_matrix_runs_the_seeded_students_cells_on_the_alone_seeds_too(recorded, tmp_path):
@@ -311,6 +329,27 @@ def test_ablations_evaluate_every_run_on_the_heldout_split_when_the_data_has_one
     assert entry["heldout"] == {"AP": 0.3}
     ablations.schedule(args, chosen, threads=1)
     assert len(evals) == 3  # evaluated once
+
+
+def test_ablations_on_a_new_machine_rerun_a_recorded_run_only_for_the_heldout_metrics_it_lacks(
+        recorded, tmp_path, monkeypatch):
+    """The matrix's JSONs kept without held-out metrics, the run folders gone: only the matrix run that a weight
+    is chosen against (FitNet's, for group w) runs again; the student alone's JSON stands."""
+    monkeypatch.setattr(ablations.subprocess, "run", lambda cmd, **kwargs: (
+        Path(cmd[cmd.index("--checkpoint") + 1]).parent / distillation.HELDOUT_METRICS).write_text('{"AP": 0.3}'))
+    args = ablation_args(tmp_path)
+    args.seeds = [0]
+    chosen = [v for v in ablations.variants(3, 9) if v.name == "w_fitnet_weight_1"]
+    ablations.schedule(args, chosen, threads=1)  # no held-out split yet: the matrix's runs as they were recorded
+    assert len(recorded) == 3
+    shutil.rmtree(args.runs)
+    (args.data / "annotations").mkdir(parents=True)
+    (args.data / "annotations" / "instances_heldout.json").write_text("{}")
+    ablations.schedule(args, chosen, threads=1)
+    assert [c["out"] for c in recorded[3:]] == [args.runs / "retinanet_fitnet_s0",
+                                                args.runs / "ablations" / "w_fitnet_weight_1_s0"]
+    assert json.loads((args.results / "retinanet_fitnet_s0.json").read_text())["heldout"] == {"AP": 0.3}
+    assert "heldout" not in json.loads((args.results / "none_s0.json").read_text())
 
 
 def test_every_ablation_override_is_a_valid_config_key_that_takes_effect():
