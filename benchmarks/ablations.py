@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distillation import (DIGITS, HELDOUT_METRICS, TITLES, add_run_arguments, alone_teacher, check_teachers,
-                          distill_command, job_threads, load_results, mean_std, pretrain_command, record, recorded,
-                          student_config, student_folder)
+                          checkpoint_sha256, distill_command, job_threads, load_results, mean_std, pretrain_command,
+                          record, recorded, student_config, student_folder, teacher_checkpoint)
 from doc_sections import replace_section
 from matrix import parse_plan, shown, student_epochs
 from matrix_cost import STEPS, job_hours
@@ -187,6 +187,8 @@ def schedule(args, chosen: list[Variant], threads: int) -> None:
                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         epochs = epochs or load_config(student_config(variant.student, args.configs)).train.epochs
         extra = {"teacher": variant.teacher, "method": variant.method, "seed": seed, "epochs": epochs}
+        if variant.method != "none":
+            extra["teacher_sha256"] = checkpoint_sha256(teacher_checkpoint(args.teachers, variant.teacher))
         if own:
             extra |= {"variant": variant.name, "group": variant.group, "label": variant.label,
                       "student": variant.student}

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import hashlib
 import json
 import os
 import statistics
@@ -84,6 +86,14 @@ def record(results: Path, run: Path, name: str, extra: dict | None = None) -> No
         entry["heldout"] = json.loads((run / HELDOUT_METRICS).read_text())
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
+
+
+@functools.cache
+def checkpoint_sha256(path: Path) -> str:
+    """A teacher checkpoint's SHA-256, recorded in each FitNet or UniKD run's JSON: which teacher the run read,
+    once a teacher has been trained again (on a new machine it does not come out bit for bit the same)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def recorded(results: Path, name: str, heldout: bool = False) -> bool:
@@ -148,8 +158,10 @@ def schedule(args, threads: int, student: str, seeds: list[int], alone_seeds: li
                 akes[fam].result()
             run_job(distill_command(args, student, fam, method, seed, configs, epochs), runs / name, "eval.json",
                     threads, prune=True)
-            record(results, runs / name, name,
-                   {"teacher": fam, "method": method, "seed": seed, "epochs": stage2_epochs})
+            extra = {"teacher": fam, "method": method, "seed": seed, "epochs": stage2_epochs}
+            if method != "none":
+                extra["teacher_sha256"] = checkpoint_sha256(teacher_checkpoint(args.teachers, fam))
+            record(results, runs / name, name, extra)
 
         # Stage 1 only where a UniKD run is left to do: recorded runs need no AKEs.
         for fam in [f for f in args.families if not all(recorded(results, f"{f}_unikd_s{s}") for s in seeds)]:

@@ -2,6 +2,7 @@
 student), with the ``unikd`` jobs replaced by a recorder that writes what a finished job leaves: which commands
 run, in which folders, in which order, and what each finished run records."""
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -41,6 +42,7 @@ def recorded(monkeypatch, tmp_path):
     monkeypatch.setattr(ablations, "run_job", run_job)
     for fam in distillation.FAMILIES:
         finish(tmp_path / "teachers" / f"{fam}_r50_teacher", "eval.json")
+        (tmp_path / "teachers" / f"{fam}_r50_teacher" / "last.pt").write_text(f"{fam} weights")
     return calls
 
 
@@ -89,7 +91,10 @@ def test_schedule_runs_stage_1_per_teacher_the_student_alone_per_seed_and_each_c
     unikd = json.loads((results / "reppoints_unikd_s1.json").read_text())
     assert (unikd["teacher"], unikd["method"], unikd["seed"]) == ("reppoints", "unikd", 1)
     assert unikd["metrics"] == {"AP": 0.25} and unikd["train_minutes"] == 2.0
-    assert json.loads((results / "none_s2.json").read_text())["method"] == "none"
+    # which teacher it read: its checkpoint's SHA-256 (the student alone reads none)
+    assert unikd["teacher_sha256"] == hashlib.sha256(b"reppoints weights").hexdigest()
+    alone = json.loads((results / "none_s2.json").read_text())
+    assert alone["method"] == "none" and "teacher_sha256" not in alone
     assert {p.stem for p in results.glob("teacher_*.json")} == {f"teacher_{f}" for f in families}
     assert all(call["threads"] == 1 for call in recorded)
     # stage 2 runs prune their checkpoints once done; stage 1 (AKEs) and the teachers keep theirs
@@ -248,6 +253,7 @@ def test_ablations_run_each_variant_beside_the_matrix_runs_it_is_read_against(re
     assert (entry["variant"], entry["group"], entry["label"], entry["seed"], entry["epochs"]) == (
         "e_2", "e", "λ = 2", 1, 3)
     assert "variant" not in json.loads((args.results / "retinanet_unikd_s1.json").read_text())
+    assert entry["teacher_sha256"] == hashlib.sha256(b"retinanet weights").hexdigest()
 
 
 def test_ablation_tables_read_each_variant_against_the_student_alone_and_the_matrix_run_of_its_seed(tmp_path):
