@@ -1,13 +1,14 @@
-"""The matrix's cells made twice, with the first teachers and with the same teachers trained again (issue 13: a
-new machine's retraining does not give the same weights), from the two folders' JSONs alone.
+"""The matrix's runs made twice, same commands and seeds, on the first machine and on a new one (issue 13: the
+first machine's teachers and runs were lost, and a run is deterministic on one machine but not across two), from
+the two folders' JSONs alone.
 
-    python benchmarks/teacher_rerun.py [--first benchmarks/results/matrix_1k_first_teachers]
+    python benchmarks/machine_rerun.py [--first benchmarks/results/matrix_1k_first_machine]
         [--results benchmarks/results/matrix_1k] [--doc docs/results.md]
 
-Per teacher: its val AP and its content AKE's AP in each set. Per FitNet or UniKD run found in both folders (same
-student, teacher, method and seed): its val AP with each set and the difference, new − first. Then the
-differences' mean ± sample std and mean absolute value: how far a cell moves with the teacher's own training
-noise, to read beside the seed spread of the matrix's cells.
+Per teacher: its val AP and its content AKE's AP on each machine. Per run found in both folders (same student,
+method, teacher and seed; the student alone too): its val AP on each and the difference, new − first. Then, per
+kind of run, the differences' mean ± sample std and mean absolute value: how far a run moves with the machine
+alone, to read beside the spread over seeds.
 """
 from __future__ import annotations
 
@@ -22,14 +23,18 @@ from doc_sections import replace_section
 from matrix import ORDER, shown
 
 
+KINDS = ("none", *METHODS)
+
+
 def both(first: Path, results: Path) -> list[tuple[str, str, str, int, float, float]]:
-    """``(student, teacher, method, seed, first AP, new AP)`` (AP in %) per FitNet or UniKD run in both folders."""
+    """``(student, teacher, method, seed, first AP, new AP)`` (AP in %) per run of the student alone, FitNet or
+    UniKD in both folders (the student alone's teacher: the one it loaded and never ran)."""
     rows = []
     for student in ORDER:
         old, new = (load_results(student_folder(folder, student)) for folder in (first, results))
         for name in sorted(old.keys() & new.keys()):
             r = old[name]
-            if r.get("method") in METHODS:
+            if r.get("method") in KINDS:
                 rows.append((student, r["teacher"], r["method"], r["seed"], 100 * r["metrics"]["AP"],
                              100 * new[name]["metrics"]["AP"]))
     return rows
@@ -56,36 +61,40 @@ def comparison(first: Path, results: Path) -> list[str]:
     """The doc lines: the teachers' table, the cells' table and the differences' summary."""
     rows = both(first, results)
     if not rows:
-        sys.exit(f"no FitNet or UniKD run is in both {first} and {results}")
+        sys.exit(f"no run is in both {first} and {results}")
     old, new = teacher_metrics(first), teacher_metrics(results)
-    taught = [t for t in ORDER if any(r[1] == t for r in rows)]
+    taught = [t for t in ORDER if any(r[1] == t and r[2] != "none" for r in rows)]
     lines = ["| teacher (R50) | teacher AP: first | new | content AKE AP: first | new |", "|---|---|---|---|---|"]
     for t in taught:
         (ap0, ake0), (ap1, ake1) = old.get(t, (None, None)), new.get(t, (None, None))
         lines.append(f"| {TITLES[t]} | {fmt(ap0)} | {fmt(ap1)} | {fmt(ake0)} | {fmt(ake1)} |")
-    lines += ["", "| teacher → student | method | seed | AP, first teacher | AP, new teacher | new − first |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| student (R18) | method | teacher | seed | AP, first machine | AP, new machine | new − first |",
+              "|---|---|---|---|---|---|---|"]
     for student, teacher, method, seed, ap0, ap1 in rows:
-        lines.append(f"| {TITLES[teacher]} → {TITLES[student]} | {method} | {seed} | {ap0:.1f} | {ap1:.1f} | "
-                     f"{ap1 - ap0:+.1f} |")
-    diffs = [ap1 - ap0 for *_, ap0, ap1 in rows]
-    lines += ["", f"Over the {len(diffs)} runs, new − first: {mean_std(diffs)} AP; mean absolute difference "
-                  f"{statistics.mean(abs(d) for d in diffs):.1f} AP."]
+        lines.append(f"| {TITLES[student]} | {method} | {'–' if method == 'none' else TITLES[teacher]} | {seed} | "
+                     f"{ap0:.1f} | {ap1:.1f} | {ap1 - ap0:+.1f} |")
+    lines.append("")
+    for kind in KINDS:
+        diffs = [ap1 - ap0 for _, _, method, _, ap0, ap1 in rows if method == kind]
+        if diffs:
+            lines.append(f"- {kind}: {len(diffs)} run{'s' if len(diffs) > 1 else ''}, new − first "
+                         f"{mean_std(diffs)} AP, mean absolute difference {statistics.mean(abs(d) for d in diffs):.1f}"
+                         " AP.")
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--first", type=Path, default=ROOT / "benchmarks" / "results" / "matrix_1k_first_teachers")
+    parser.add_argument("--first", type=Path, default=ROOT / "benchmarks" / "results" / "matrix_1k_first_machine")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "matrix_1k")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args()
-    command = "python benchmarks/teacher_rerun.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/machine_rerun.py " + " ".join(sys.argv[1:])
     section = "\n".join([
-        "## The matrix's cells with the first and the new teachers", "",
+        "## The matrix's runs on the first and the new machine", "",
         f"Command: `{command}` (written {datetime.date.today()}; read from `{shown(args.first)}` and "
-        f"`{shown(args.results)}`). The same runs (student, teacher, method, seed, command) with the teacher of "
-        "each family as first trained and as trained again on a new machine; val AP in %.", "",
+        f"`{shown(args.results)}`). The same runs (student, method, teacher, seed, command) on the first machine, "
+        "with its teachers, and on the new one, with the teachers trained again there; val AP in %.", "",
         *comparison(args.first, args.results)]) + "\n"
     replace_section(args.doc, section, title="# Results")
     print(section)
