@@ -5,7 +5,7 @@ the two folders' JSONs alone.
     python benchmarks/machine_rerun.py [--first benchmarks/results/matrix_1k_first_machine]
         [--results benchmarks/results/matrix_1k] [--doc docs/results.md]
 
-Per teacher: its val AP and its content AKE's AP on each machine. Per run found in both folders (same student,
+Per teacher trained on both: its val AP and its content AKE's AP on each machine. Per run found in both folders (same student,
 method, teacher and seed; the student alone too): its val AP on each and the difference, new − first. Then, per
 kind of run, the differences' mean ± sample std and mean absolute value: how far a run moves with the machine
 alone, to read beside the spread over seeds.
@@ -63,10 +63,9 @@ def comparison(first: Path, results: Path) -> list[str]:
     if not rows:
         sys.exit(f"no run is in both {first} and {results}")
     old, new = teacher_metrics(first), teacher_metrics(results)
-    taught = [t for t in ORDER if any(r[1] == t and r[2] != "none" for r in rows)]
     lines = ["| teacher (R50) | teacher AP: first | new | content AKE AP: first | new |", "|---|---|---|---|---|"]
-    for t in taught:
-        (ap0, ake0), (ap1, ake1) = old.get(t, (None, None)), new.get(t, (None, None))
+    for t in [t for t in ORDER if t in old and t in new]:
+        (ap0, ake0), (ap1, ake1) = old[t], new[t]
         lines.append(f"| {TITLES[t]} | {fmt(ap0)} | {fmt(ap1)} | {fmt(ake0)} | {fmt(ake1)} |")
     lines += ["", "| student (R18) | method | teacher | seed | AP, first machine | AP, new machine | new − first |",
               "|---|---|---|---|---|---|---|"]
@@ -89,7 +88,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "matrix_1k")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     args = parser.parse_args()
-    command = "python benchmarks/machine_rerun.py " + " ".join(sys.argv[1:])
+    command = " ".join(["python benchmarks/machine_rerun.py", *sys.argv[1:]])
     section = "\n".join([
         "## The matrix's runs on the first and the new machine", "",
         f"Command: `{command}` (written {datetime.date.today()}; read from `{shown(args.first)}` and "

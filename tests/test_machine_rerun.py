@@ -31,11 +31,15 @@ def test_the_runs_in_both_folders_are_compared_against_a_hand_computation(tmp_pa
     run(first, "retinanet", "unikd", 0, 6.9)
     run(new, "retinanet", "unikd", 0, 8.4)
     run(first, "fcos", "unikd", 0, 7.7)  # its teacher not trained again: in one folder only
+    write(first, "teacher_fcos", {"AP": 0.418})
+    write(first / "atss", "teacher_atss", {"AP": 0.489})  # trained on both machines, no run on both yet
+    write(new / "atss", "teacher_atss", {"AP": 0.45})
     run(first / "deformable_detr", "retinanet", "unikd", 1, 11.0)
     run(new / "deformable_detr", "retinanet", "unikd", 1, 12.0)
     lines = machine_rerun.comparison(first, new)
     assert "| RetinaNet | 29.2 | 28.7 | 22.6 | 21.9 |" in lines
-    assert "| Faster R-CNN |" not in "\n".join(lines)  # the student alone's teacher is loaded, never run
+    assert "| ATSS | 48.9 | 45.0 | – | – |" in lines
+    assert "| FCOS |" not in "\n".join(lines)  # a teacher on one machine only
     start = lines.index("| student (R18) | method | teacher | seed | AP, first machine | AP, new machine | new − first |")
     assert lines[start + 2:start + 6] == ["| RetinaNet | none | – | 0 | 5.3 | 6.1 | +0.8 |",
                                           "| RetinaNet | fitnet | RetinaNet | 0 | 8.4 | 7.9 | -0.5 |",
