@@ -30,8 +30,10 @@ import argparse
 import datetime
 import functools
 import hashlib
+import importlib.metadata
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -71,17 +73,32 @@ def teacher_checkpoint(teachers: Path, family: str) -> Path:
     return teachers / f"{family}_r50_teacher" / "last.pt"
 
 
+MACHINE_PACKAGES = ("torch", "torchvision", "numpy", "pillow")  # what a run's numbers (and the data) depend on
+
+
+@functools.cache
+def machine() -> dict:
+    """Where a run ran, recorded in its JSON: the CPU's model and the versions of ``MACHINE_PACKAGES``. The same
+    command and seed give other numbers on another machine (docs/results.md, "The matrix on a second machine")."""
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text() if cpuinfo.is_file() else "").splitlines()
+              if line.startswith("model name")]
+    return {"cpu": models[0] if models else platform.processor(),
+            "packages": {p: importlib.metadata.version(p) for p in MACHINE_PACKAGES}}
+
+
 def record(results: Path, run: Path, name: str, extra: dict | None = None) -> None:
-    """Copy a finished run's metrics, its training minutes, its logged training losses (``curve``: each logged
-    step's losses, to 4 significant digits, for the analysis of loss scales once the run folder is gone) and its
-    held-out metrics when ``benchmarks/ablations.py`` evaluated it there into ``RESULTS/NAME.json``."""
+    """Copy a finished run's metrics, its training minutes, the :func:`machine` it ran on, its logged training
+    losses (``curve``: each logged step's losses, to 4 significant digits, for the analysis of loss scales once the
+    run folder is gone) and its held-out metrics when ``benchmarks/ablations.py`` evaluated it there into
+    ``RESULTS/NAME.json``."""
     done = run / ("report.json" if name.startswith("ake_") else "eval.json")
     metrics = json.loads(done.read_text())
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     curve = [{k: v if k == "step" else float(f"{v:.4g}") for k, v in r.items()
               if k not in NOT_LOSSES and isinstance(v, (int, float))} for r in logged if "eval" not in r]
     entry = {"name": name, "metrics": metrics, "train_minutes": max(r.get("train_seconds", 0) for r in logged) / 60,
-             **(extra or {}), "curve": curve}
+             **(extra or {}), "machine": machine(), "curve": curve}
     if (run / HELDOUT_METRICS).is_file():
         entry["heldout"] = json.loads((run / HELDOUT_METRICS).read_text())
     results.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@ student), with the ``unikd`` jobs replaced by a recorder that writes what a fini
 run, in which folders, in which order, and what each finished run records."""
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import shutil
 import sys
@@ -310,6 +311,10 @@ def test_record_keeps_a_runs_heldout_metrics_and_its_loss_curve(tmp_path):
     assert entry["heldout"] == {"AP": 0.5} and entry["metrics"] == {"AP": 0.25} and entry["train_minutes"] == 2.0
     assert entry["curve"] == [{"step": 50, "loss": 1.235, "classification": 0.7, "loss_kd_ct": 0.1718},
                               {"step": 100, "loss": 1.0}]
+    # the machine it ran on: the CPU and the packages its numbers depend on
+    assert entry["machine"]["packages"] == {p: importlib.metadata.version(p) for p in
+                                            ("torch", "torchvision", "numpy", "pillow")}
+    assert entry["machine"]["cpu"]
 
 
 def test_ablations_evaluate_every_run_on_the_heldout_split_when_the_data_has_one(recorded, tmp_path, monkeypatch):
