@@ -40,7 +40,8 @@ def test_the_runs_in_both_folders_are_compared_against_a_hand_computation(tmp_pa
     assert "| RetinaNet | 29.2 | 28.7 | 22.6 | 21.9 |" in lines
     assert "| ATSS | 48.9 | 45.0 | – | – |" in lines
     assert "| FCOS |" not in "\n".join(lines)  # a teacher on one machine only
-    start = lines.index("| student (R18) | method | teacher | seed | AP, first machine | AP, new machine | new − first |")
+    start = lines.index("| student (R18) | method | teacher | seed | AP, first machine | AP, new machine | "
+                        "new − first |")
     assert lines[start + 2:start + 6] == ["| RetinaNet | none | – | 0 | 5.3 | 6.1 | +0.8 |",
                                           "| RetinaNet | fitnet | RetinaNet | 0 | 8.4 | 7.9 | -0.5 |",
                                           "| RetinaNet | unikd | RetinaNet | 0 | 6.9 | 8.4 | +1.5 |",
