@@ -7,9 +7,8 @@ the two folders' JSONs alone.
 
 Per teacher trained on both: its val AP and its content AKE's AP on each machine. Per run found in both folders
 (same student, method, teacher and seed; the student alone too): its val AP on each and the difference, new −
-first. Then, per
-kind of run, the differences' mean ± sample std and mean absolute value: how far a run moves with the machine
-alone, to read beside the spread over seeds.
+first. Then, per kind of run, the differences' mean ± sample std and mean absolute value: how far a run moves
+with the machine alone, to read beside the spread over seeds.
 """
 from __future__ import annotations
 
