@@ -21,6 +21,7 @@ from pathlib import Path
 from distillation import METHODS, ROOT, TITLES, load_results, mean_std, student_folder
 from doc_sections import replace_section
 from matrix import ORDER, shown
+from matrix_analysis import ake_aps, fmt, teacher_aps
 
 
 KINDS = ("none", *METHODS)
@@ -40,33 +41,17 @@ def both(first: Path, results: Path) -> list[tuple[str, str, str, int, float, fl
     return rows
 
 
-def teacher_metrics(folder: Path) -> dict[str, tuple[float | None, float | None]]:
-    """Per teacher, ``(its val AP, its content AKE's val AP)`` in %, from any student's folder of ``folder``."""
-    found: dict[str, list[float | None]] = {}
-    for student in ORDER:
-        for name, r in load_results(student_folder(folder, student)).items():
-            kind, _, teacher = name.partition("_")
-            if kind == "teacher":
-                found.setdefault(teacher, [None, None])[0] = 100 * r["metrics"]["AP"]
-            elif kind == "ake":
-                found.setdefault(teacher, [None, None])[1] = 100 * r["metrics"]["ake_val"]["AP"]
-    return {t: (ap, ake) for t, (ap, ake) in found.items()}
-
-
-def fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.1f}"
-
-
 def comparison(first: Path, results: Path) -> list[str]:
     """The doc lines: the teachers' table, the cells' table and the differences' summary."""
     rows = both(first, results)
     if not rows:
         sys.exit(f"no run is in both {first} and {results}")
-    old, new = teacher_metrics(first), teacher_metrics(results)
+    (teacher0, ake0), (teacher1, ake1) = (
+        (teacher_aps({s: load_results(student_folder(f, s)) for s in ORDER}), ake_aps(f)) for f in (first, results))
     lines = ["| teacher (R50) | teacher AP: first | new | content AKE AP: first | new |", "|---|---|---|---|---|"]
-    for t in [t for t in ORDER if t in old and t in new]:
-        (ap0, ake0), (ap1, ake1) = old[t], new[t]
-        lines.append(f"| {TITLES[t]} | {fmt(ap0)} | {fmt(ap1)} | {fmt(ake0)} | {fmt(ake1)} |")
+    for t in [t for t in ORDER if t in teacher0 and t in teacher1]:
+        lines.append(f"| {TITLES[t]} | {fmt(teacher0[t])} | {fmt(teacher1[t])} | {fmt(ake0.get(t))} | "
+                     f"{fmt(ake1.get(t))} |")
     lines += ["", "| student (R18) | method | teacher | seed | AP, first machine | AP, new machine | new − first |",
               "|---|---|---|---|---|---|---|"]
     for student, teacher, method, seed, ap0, ap1 in rows:

@@ -25,9 +25,9 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-from distillation import METHODS, ROOT, TITLES, load_results, mean_std
+from distillation import METHODS, ROOT, TITLES, load_results, mean_std, student_folder
 from doc_sections import replace_section
-from matrix import collect, gains, load_students, shown, teachers_of
+from matrix import ORDER, collect, gains, load_students, shown, teachers_of
 
 
 def detection_keys(runs: dict[str, dict]) -> set[str]:
@@ -75,9 +75,10 @@ def rank_correlation(xs: list[float | None], ys: list[float | None]) -> str:
 
 
 def ake_aps(results: Path) -> dict[str, float]:
-    """The content AKE's val AP (%) per teacher, from ``RESULTS/ake_TEACHER.json``."""
-    return {name[len("ake_"):]: 100 * r["metrics"]["ake_val"]["AP"]
-            for name, r in load_results(results).items() if name.startswith("ake_")}
+    """The content AKE's val AP (%) per teacher, from ``ake_TEACHER.json`` in any student's folder of ``results``
+    (stage 1 is recorded beside the first student it ran for, not always the RetinaNet one)."""
+    return {name[len("ake_"):]: 100 * r["metrics"]["ake_val"]["AP"] for s in ORDER
+            for name, r in load_results(student_folder(results, s)).items() if name.startswith("ake_")}
 
 
 def teacher_aps(students: dict[str, dict[str, dict]]) -> dict[str, float]:

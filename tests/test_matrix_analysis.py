@@ -78,3 +78,10 @@ def test_analysis_tables_against_a_hand_computation(results):
 def test_analysis_refuses_a_folder_without_stage_2_runs(tmp_path):
     with pytest.raises(SystemExit, match="no finished stage-2 run"):
         matrix_analysis.analysis(tmp_path)
+
+
+def test_ake_aps_reads_stage_1_from_whichever_student_folder_recorded_it(results):
+    # the ATSS teacher's stage 1 recorded only beside the ATSS student (its first student), not the RetinaNet one
+    (results / "atss").mkdir()
+    (results / "ake_atss.json").rename(results / "atss" / "ake_atss.json")
+    assert matrix_analysis.ake_aps(results) == pytest.approx({"retinanet": 22.0, "fcos": 31.0, "atss": 15.0})
