@@ -1,6 +1,6 @@
 """The matrix's runs made twice, same commands and seeds, on the first machine and on a new one (issue 13: the
-first machine's teachers and runs were lost, and a run is deterministic on one machine but not across two), from
-the two folders' JSONs alone.
+first machine's teachers and runs were lost, and a run that repeats exactly on one machine does not across two),
+from the two folders' JSONs alone.
 
     python benchmarks/machine_rerun.py [--first benchmarks/results/matrix_1k_first_machine]
         [--results benchmarks/results/matrix_1k] [--doc docs/results.md]
