@@ -103,8 +103,8 @@ def test_schedule_runs_stage_1_per_teacher_the_student_alone_per_seed_and_each_c
 
 
 def test_schedule_again_runs_only_what_is_new_and_records_every_run(recorded, tmp_path):
-    """A second schedule over the same folders with one more seed runs that seed's jobs only, and records the
-    finished runs again, unchanged."""
+    """A second schedule over the same folders with one more seed runs that seed's jobs only, records them, and
+    leaves the finished runs' JSONs as they were."""
     args = schedule_args(tmp_path, ["atss"], jobs=1)
     distillation.schedule(args, 1, "reppoints", seeds=[0], alone_seeds=[0])
     first = len(recorded)
