@@ -150,6 +150,21 @@ def test_build_from_before_min_side_and_max_digits_is_reused(tmp_path):
     assert ann.read_text() != "marker"
 
 
+def test_build_made_with_another_or_an_unknown_pillow_is_rebuilt(tmp_path):
+    """Pillow's resizing shapes the digits, so a build is reused only with the Pillow it was made with."""
+    out = build_digits_det(tmp_path / "d", seed=0, n_train=2, n_val=1, size=32)
+    meta_path, ann = out / "meta.json", out / "annotations" / "instances_train.json"
+    assert json.loads(meta_path.read_text())["pillow"] == importlib.metadata.version("pillow") == Image.__version__
+    for edit in (lambda meta: meta.update(pillow="12.3.0"), lambda meta: meta.pop("pillow")):
+        meta = json.loads(meta_path.read_text())
+        edit(meta)
+        meta_path.write_text(json.dumps(meta))
+        ann.write_text("marker")
+        build_digits_det(out, seed=0, n_train=2, n_val=1, size=32)
+        assert ann.read_text() != "marker"
+        assert json.loads(meta_path.read_text())["pillow"] == Image.__version__
+
+
 @pytest.mark.parametrize("kwargs", [{"min_side": 0}, {"max_digits": 0}, {"size": 40, "min_side": 24}])
 def test_bad_digit_bounds_are_refused(tmp_path, kwargs):
     with pytest.raises(UserError, match="min_side"):
