@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from unikd.config import ExperimentConfig, to_dict
+from unikd.config import to_dict
 from unikd.data import CocoDetection, collate
 from unikd.engine import checkpoint as checkpoint_module
 from unikd.engine.checkpoint import load_checkpoint, save_atomic

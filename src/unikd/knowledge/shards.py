@@ -14,7 +14,6 @@ import json
 import re
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
