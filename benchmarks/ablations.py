@@ -37,9 +37,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from distillation import (DIGITS, HELDOUT_METRICS, TITLES, add_run_arguments, alone_teacher, check_teachers,
-                          checkpoint_sha256, distill_command, job_threads, load_results, mean_std, pretrain_command,
-                          record, recorded, student_config, student_folder, teacher_checkpoint)
+from distillation import (DIGITS, HELDOUT_METRICS, TITLES, add_run_arguments, alone_teacher,
+                          check_finished_teachers, check_same_teacher, check_teachers, checkpoint_sha256,
+                          distill_command, job_threads, load_results, mean_std, pretrain_command, record, recorded,
+                          student_config, student_folder, teacher_checkpoint)
 from doc_sections import replace_section
 from matrix import parse_plan, shown, student_epochs
 from matrix_cost import STEPS, job_hours
@@ -166,6 +167,7 @@ def schedule(args, chosen: list[Variant], threads: int) -> None:
     runs = {out: (v, seed, own) for out, (v, seed, own) in runs.items()
             if not recorded(destination(v, own), out.name, heldout and (own or out in chooses))}
     ake_sets = {ake_folder(args.runs, v): v for v, _, _ in runs.values() if v.method == "unikd"}
+    check_finished_teachers(args, [v.teacher for v, _, _ in runs.values() if v.method != "none"])
 
     def stage1(variant: Variant) -> None:
         out = ake_folder(args.runs, variant)
@@ -178,6 +180,8 @@ def schedule(args, chosen: list[Variant], threads: int) -> None:
             akes[ake_folder(args.runs, variant)].result()
         epochs = variant.epochs or args.student_epochs.get(variant.student)
         teacher = alone_teacher(args) if variant.method == "none" else variant.teacher
+        if variant.method != "none":
+            check_same_teacher(args.results, args.teachers, teacher)
         run_job(distill_command(args, variant.student, teacher, variant.method, seed, args.configs, epochs,
                                 ake_folder(args.runs, variant), variant.stage2), out, "eval.json", threads,
                 prune=True)

@@ -102,7 +102,10 @@ def record(results: Path, run: Path, name: str, extra: dict | None = None) -> No
     if (run / HELDOUT_METRICS).is_file():
         entry["heldout"] = json.loads((run / HELDOUT_METRICS).read_text())
     results.mkdir(parents=True, exist_ok=True)
-    (results / f"{name}.json").write_text(json.dumps(entry, indent=2) + "\n")
+    # Whole or not at all: another job (a thread, or a schedule beside this one) may read it meanwhile.
+    part = results / f"{name}.json.part"
+    part.write_text(json.dumps(entry, indent=2) + "\n")
+    part.replace(results / f"{name}.json")
 
 
 @functools.cache
@@ -118,6 +121,29 @@ def recorded(results: Path, name: str, heldout: bool = False) -> bool:
     JSON stands for a finished run whose folder is gone (a new machine), which is then not run again."""
     path = results / f"{name}.json"
     return path.is_file() and (not heldout or "heldout" in json.loads(path.read_text()))
+
+
+def check_same_teacher(results: Path, teachers: Path, fam: str) -> None:
+    """Stop when a run recorded anywhere under ``results`` read another checkpoint of ``fam``'s teacher than the
+    one in ``teachers`` (its ``teacher_sha256``; runs recorded without one are not checked): a teacher trained
+    again, as on a new machine, does not come out bit for bit the same, and a column of the matrix, or an
+    ablation read against it, must read one teacher."""
+    sha = checkpoint_sha256(teacher_checkpoint(teachers, fam))
+    other = sorted(str(p.relative_to(results)) for p in results.rglob("*.json")
+                   if (run := json.loads(p.read_text())).get("teacher") == fam
+                   and run.get("teacher_sha256", sha) != sha)
+    if other:
+        sys.exit(f"{teacher_checkpoint(teachers, fam)} is not the {fam} teacher that {len(other)} recorded runs "
+                 f"under {results} read ({', '.join(other[:3])}{' ...' if len(other) > 3 else ''}): move those "
+                 "runs' JSONs aside (docs/results.md, 'The matrix on a second machine') or give that teacher back")
+
+
+def check_finished_teachers(args, fams) -> None:
+    """:func:`check_same_teacher` now, before any job starts, for each of ``fams`` whose teacher is finished; one
+    still in training (``--wait-teachers``) is checked before each of its runs."""
+    for fam in sorted(set(fams)):
+        if (teacher_checkpoint(args.teachers, fam).parent / "eval.json").exists():
+            check_same_teacher(args.results, args.teachers, fam)
 
 
 def check_teachers(args) -> None:
@@ -155,6 +181,8 @@ def schedule(args, threads: int, student: str, seeds: list[int], alone_seeds: li
                  "profile its own --runs and --results")
     for fam in args.families:
         check_ake_file(args.runs / f"ake_{fam}" / "ake.safetensors")
+    check_finished_teachers(args, [f for f in args.families for m in METHODS for s in seeds
+                                   if not recorded(results, f"{f}_{m}_s{s}")])
     with ThreadPoolExecutor(args.jobs) as pool:
         akes: dict[str, Future] = {}
 
@@ -173,6 +201,8 @@ def schedule(args, threads: int, student: str, seeds: list[int], alone_seeds: li
                 return
             if method == "unikd":
                 akes[fam].result()
+            if method != "none":
+                check_same_teacher(args.results, args.teachers, fam)
             run_job(distill_command(args, student, fam, method, seed, configs, epochs), runs / name, "eval.json",
                     threads, prune=True)
             extra = {"teacher": fam, "method": method, "seed": seed, "epochs": stage2_epochs}

@@ -133,6 +133,31 @@ def test_schedule_on_a_new_machine_runs_only_what_the_committed_jsons_lack(recor
                                                     runs / "fcos_unikd_s1"]
 
 
+def test_schedule_stops_before_a_run_of_a_teacher_trained_again(recorded, tmp_path):
+    """A column must read one teacher: with its checkpoint trained again (new bytes) and a run of it left to do,
+    the schedule stops before any job starts, naming the recorded runs of the old one; a column with nothing left
+    to do is not held to it."""
+    args = schedule_args(tmp_path, ["atss", "fcos"], jobs=1)
+    distillation.schedule(args, 1, "reppoints", seeds=[0], alone_seeds=[0])
+    (args.teachers / "fcos_r50_teacher" / "last.pt").write_text("fcos weights, trained again")
+    distillation.checkpoint_sha256.cache_clear()
+    first = len(recorded)
+    distillation.schedule(args, 1, "reppoints", seeds=[0], alone_seeds=[0])  # nothing left to run: no check
+    assert len(recorded) == first
+    (args.results / "reppoints" / "none_s0.json").unlink()
+    (args.results / "reppoints" / "atss_unikd_s0.json").unlink()
+    (args.results / "reppoints" / "fcos_fitnet_s0.json").unlink()
+    with pytest.raises(SystemExit, match=r"fcos_r50_teacher/last.pt is not the fcos teacher that 1 recorded runs "
+                                         r".*\(reppoints/fcos_unikd_s0.json\)"):
+        distillation.schedule(args, 1, "reppoints", seeds=[0], alone_seeds=[0])
+    assert len(recorded) == first
+    # the run of the old teacher moved aside: the column starts again on the new one
+    (args.results / "reppoints" / "fcos_unikd_s0.json").unlink()
+    distillation.schedule(args, 1, "reppoints", seeds=[0], alone_seeds=[0])
+    new = json.loads((args.results / "reppoints" / "fcos_fitnet_s0.json").read_text())
+    assert new["teacher_sha256"] == hashlib.sha256(b"fcos weights, trained again").hexdigest()
+
+
 def test_matrix_runs_the_seeded_students_cells_on_the_alone_seeds_too(recorded, tmp_path):
     args = schedule_args(tmp_path, ["fcos"], jobs=1)
     args.configs = distillation.DIGITS
@@ -361,6 +386,21 @@ def test_ablations_on_a_new_machine_rerun_a_recorded_run_only_for_the_heldout_me
                                                 args.runs / "ablations" / "w_fitnet_weight_1_s0"]
     assert json.loads((args.results / "retinanet_fitnet_s0.json").read_text())["heldout"] == {"AP": 0.3}
     assert "heldout" not in json.loads((args.results / "none_s0.json").read_text())
+
+
+def test_ablations_stop_before_a_run_of_a_teacher_trained_again(recorded, tmp_path):
+    """An ablation is read against the matrix's column of its teacher: with that teacher trained again and a run
+    of it left to do, nothing starts and the recorded runs of the old one are named."""
+    args = ablation_args(tmp_path)
+    args.seeds = [0]
+    chosen = [v for v in ablations.variants(3, 9) if v.name == "w_fitnet_weight_1"]
+    ablations.schedule(args, chosen, threads=1)
+    (args.teachers / "retinanet_r50_teacher" / "last.pt").write_text("retinanet weights, trained again")
+    distillation.checkpoint_sha256.cache_clear()
+    (args.results / "ablations" / "w_fitnet_weight_1_s0.json").unlink()
+    with pytest.raises(SystemExit, match=r"not the retinanet teacher that 1 recorded runs .*retinanet_fitnet_s0"):
+        ablations.schedule(args, chosen, threads=1)
+    assert len(recorded) == 3
 
 
 def test_every_ablation_override_is_a_valid_config_key_that_takes_effect():
