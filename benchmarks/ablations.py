@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distillation import (DIGITS, HELDOUT_METRICS, TITLES, add_run_arguments, alone_teacher,
-                          check_finished_teachers, check_same_teacher, check_teachers, checkpoint_sha256,
-                          distill_command, job_threads, load_results, mean_std, pretrain_command, record, recorded,
-                          student_config, student_folder, teacher_checkpoint)
+                          check_finished_teachers, check_teachers, checkpoint_sha256, distill_command, job_threads,
+                          load_results, mean_std, pretrain_command, ready_teacher, record, recorded, student_config,
+                          student_folder, teacher_checkpoint)
 from doc_sections import replace_section
 from matrix import parse_plan, shown, student_epochs
 from matrix_cost import STEPS, job_hours
@@ -172,6 +172,7 @@ def schedule(args, chosen: list[Variant], threads: int) -> None:
     def stage1(variant: Variant) -> None:
         out = ake_folder(args.runs, variant)
         check_ake_file(out / "ake.safetensors")
+        ready_teacher(args, variant.teacher)
         run_job(pretrain_command(args, variant.teacher, args.configs, variant.stage1), out, "report.json", threads)
         record(results if variant.stage1 else args.results, out, out.name)
 
@@ -181,7 +182,7 @@ def schedule(args, chosen: list[Variant], threads: int) -> None:
         epochs = variant.epochs or args.student_epochs.get(variant.student)
         teacher = alone_teacher(args) if variant.method == "none" else variant.teacher
         if variant.method != "none":
-            check_same_teacher(args.results, args.teachers, teacher)
+            ready_teacher(args, teacher)
         run_job(distill_command(args, variant.student, teacher, variant.method, seed, args.configs, epochs,
                                 ake_folder(args.runs, variant), variant.stage2), out, "eval.json", threads,
                 prune=True)

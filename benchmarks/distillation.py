@@ -6,9 +6,9 @@ UniKD, per seed.
     python benchmarks/distillation.py [--student FAMILY] --table-only     # rebuild the docs table from the JSONs
 
 Needs the finished teachers of ``benchmarks/baselines.py`` (``TEACHERS/FAMILY_r50_teacher/last.pt`` beside its
-``eval.json``; with ``--wait-teachers``, a teacher's stage 1 waits for one still in training). Jobs, each resumable
-(a finished one is skipped, and so is one whose JSON is in ``--results``, its run folder gone with an earlier
-machine; an interrupted one continues from its ``last.pt``):
+``eval.json``; with ``--wait-teachers``, the jobs that read a teacher still in training wait for it). Jobs, each
+resumable (a finished one is skipped, and so is one whose JSON is in ``--results``, its run folder gone with an
+earlier machine; an interrupted one continues from its ``last.pt``):
 
 - stage 1 per teacher (one set of AKEs per teacher, shared by the seeds): ``unikd pretrain-ake
   configs/digits/ake.yaml --teacher T`` → ``RUNS/ake_FAMILY``;
@@ -140,10 +140,19 @@ def check_same_teacher(results: Path, teachers: Path, fam: str) -> None:
 
 def check_finished_teachers(args, fams) -> None:
     """:func:`check_same_teacher` now, before any job starts, for each of ``fams`` whose teacher is finished; one
-    still in training (``--wait-teachers``) is checked before each of its runs."""
+    still in training (``--wait-teachers``) is checked by :func:`ready_teacher` before each job that reads it."""
     for fam in sorted(set(fams)):
         if (teacher_checkpoint(args.teachers, fam).parent / "eval.json").exists():
             check_same_teacher(args.results, args.teachers, fam)
+
+
+def ready_teacher(args, fam: str) -> None:
+    """Called by every job that reads ``fam``'s teacher (its AKEs, a FitNet or UniKD run) before it starts: wait
+    for the teacher's ``eval.json`` (only with ``--wait-teachers`` is one still in training), then
+    :func:`check_same_teacher`."""
+    while not (teacher_checkpoint(args.teachers, fam).parent / "eval.json").exists():
+        time.sleep(30)
+    check_same_teacher(args.results, args.teachers, fam)
 
 
 def check_teachers(args) -> None:
@@ -187,10 +196,8 @@ def schedule(args, threads: int, student: str, seeds: list[int], alone_seeds: li
         akes: dict[str, Future] = {}
 
         def stage1(fam: str) -> None:
-            teacher = teacher_checkpoint(args.teachers, fam).parent
-            while not (teacher / "eval.json").exists():  # only with --wait-teachers: still in training
-                time.sleep(30)
-            record(results, teacher, f"teacher_{fam}")
+            ready_teacher(args, fam)
+            record(results, teacher_checkpoint(args.teachers, fam).parent, f"teacher_{fam}")
             out = args.runs / f"ake_{fam}"
             run_job(pretrain_command(args, fam, configs), out, "report.json", threads)
             record(results, out, f"ake_{fam}")
@@ -202,7 +209,7 @@ def schedule(args, threads: int, student: str, seeds: list[int], alone_seeds: li
             if method == "unikd":
                 akes[fam].result()
             if method != "none":
-                check_same_teacher(args.results, args.teachers, fam)
+                ready_teacher(args, fam)
             run_job(distill_command(args, student, fam, method, seed, configs, epochs), runs / name, "eval.json",
                     threads, prune=True)
             extra = {"teacher": fam, "method": method, "seed": seed, "epochs": stage2_epochs}
@@ -324,7 +331,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the per-run JSONs")
     parser.add_argument("--wait-teachers", action="store_true",
-                        help="a teacher still in training: its stage 1 waits for its eval.json")
+                        help="a teacher still in training: the jobs that read it wait for its eval.json")
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from the JSONs")
 
 

@@ -158,6 +158,28 @@ def test_schedule_stops_before_a_run_of_a_teacher_trained_again(recorded, tmp_pa
     assert new["teacher_sha256"] == hashlib.sha256(b"fcos weights, trained again").hexdigest()
 
 
+def test_with_wait_teachers_a_fitnet_run_waits_for_its_teacher_to_finish(recorded, tmp_path, monkeypatch):
+    """A FitNet run reads no AKEs, yet its teacher must be finished too: with ``--wait-teachers`` it starts only
+    once the teacher's eval.json is there, not from a checkpoint of a teacher still in training."""
+    args = schedule_args(tmp_path, ["fcos"], jobs=1)
+    distillation.schedule(args, 1, "reppoints", seeds=[0], alone_seeds=[0])
+    (args.results / "reppoints" / "fcos_fitnet_s0.json").unlink()
+    shutil.rmtree(args.runs / "reppoints" / "fcos_fitnet_s0")
+    (args.teachers / "fcos_r50_teacher" / "eval.json").unlink()  # the teacher in training again
+    args.wait_teachers = True
+    ran_before_finish = []
+
+    def teacher_finishes(seconds):
+        ran_before_finish.append(len(recorded))
+        finish(args.teachers / "fcos_r50_teacher", "eval.json")
+
+    monkeypatch.setattr(distillation.time, "sleep", teacher_finishes)
+    first = len(recorded)
+    distillation.schedule(args, 1, "reppoints", seeds=[0], alone_seeds=[0])
+    assert ran_before_finish == [first]
+    assert [c["out"] for c in recorded[first:]] == [args.runs / "reppoints" / "fcos_fitnet_s0"]
+
+
 def test_matrix_runs_the_seeded_students_cells_on_the_alone_seeds_too(recorded, tmp_path):
     args = schedule_args(tmp_path, ["fcos"], jobs=1)
     args.configs = distillation.DIGITS
