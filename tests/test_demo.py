@@ -2,6 +2,7 @@
 report's files, and the sampling points of Fig. 4 against the attention's own."""
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shutil
 from pathlib import Path
@@ -149,6 +150,21 @@ def test_a_dataset_of_other_parameters_is_refused_not_overwritten(tmp_path):
     with pytest.raises(UserError, match="other parameters"):
         demo_module.plan(tmp_path / "out", data, demo_module.QUICK)
     assert json.loads((data / "meta.json").read_text())["n_train"] == 2000
+
+
+@pytest.mark.parametrize("pillow", ["12.3.0", None])
+def test_a_dataset_of_another_or_an_unknown_pillow_is_refused_not_reused(tmp_path, pillow):
+    data = tmp_path / "data"
+    data.mkdir()
+    q = demo_module.QUICK
+    meta = {"n_train": q.n_train, "n_val": q.n_val, "size": q.size, "seed": 0, "min_side": q.min_side,
+            "max_digits": q.max_digits}
+    (data / "meta.json").write_text(json.dumps(meta | {"pillow": importlib.metadata.version("pillow")}))
+    assert demo_module.plan(tmp_path / "out", data, q)[0].done.exists()  # this Pillow's build: reused
+    (data / "meta.json").write_text(json.dumps(meta | ({"pillow": pillow} if pillow else {})))
+    with pytest.raises(UserError, match=f"Pillow {pillow or '.unknown.'}, not this environment's"):
+        demo_module.plan(tmp_path / "out", data, q)
+    assert json.loads((data / "meta.json").read_text()).get("pillow") == pillow
 
 
 @pytest.mark.parametrize("reference_dim", [2, 4])

@@ -15,6 +15,7 @@ checkpoint continues from it; a stage folder made with another config is refused
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import shlex
 import time
@@ -120,16 +121,23 @@ class Stage:
 
 
 def _digits_stage(data_root: Path, scale: Scale) -> Stage:
-    """Stage 1. ``meta.json`` marks a complete build; one of other parameters is refused, never overwritten."""
+    """Stage 1. ``meta.json`` marks a complete build; one of other parameters or of another Pillow is refused, never
+    overwritten (the demo's later stages were trained on it)."""
     from .data import build_digits_det
 
     meta = data_root / "meta.json"
     wanted = {"n_train": scale.n_train, "n_val": scale.n_val, "size": scale.size, "seed": 0,
               "min_side": scale.min_side, "max_digits": scale.max_digits}
     old = {"min_side": 12, "max_digits": 6}  # builds from before the keys
-    if meta.exists() and {k: json.loads(meta.read_text()).get(k, old.get(k)) for k in wanted} != wanted:
+    built = json.loads(meta.read_text()) if meta.exists() else None
+    if built is not None and {k: built.get(k, old.get(k)) for k in wanted} != wanted:
         raise UserError(f"{data_root} holds a digits-det build with other parameters than the demo's {wanted} "
                         f"({meta}); give the demo another --data")
+    pillow = importlib.metadata.version("pillow")
+    if built is not None and built.get("pillow") != pillow:
+        raise UserError(f"{data_root} holds a digits-det build made with Pillow {built.get('pillow', '(unknown)')}, "
+                        f"not this environment's {pillow} (versions can draw its images differently: docs/data.md, "
+                        "\"Same bytes\"); remove it and the demo's runs made on it, or give the demo another --data")
     command = ["unikd", "data", "build", "digits-det", "--out", str(data_root), "--train", str(scale.n_train),
                "--val", str(scale.n_val), "--size", str(scale.size), "--min-side", str(scale.min_side),
                "--max-digits", str(scale.max_digits)]
