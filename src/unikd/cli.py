@@ -168,9 +168,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "data":
-            root = jobs.build_digits_det(args.out, seed=args.seed, n_train=args.train, n_val=args.val, size=args.size,
-                                        masks=args.masks, min_side=args.min_side, max_digits=args.max_digits,
-                                        n_heldout=args.heldout)
+            from .data import build_digits_det
+
+            root = build_digits_det(args.out, seed=args.seed, n_train=args.train, n_val=args.val, size=args.size,
+                                    masks=args.masks, min_side=args.min_side, max_digits=args.max_digits,
+                                    n_heldout=args.heldout)
             print(f"digits-det ready in {root}")
         elif args.command == "train":
             jobs.train_detector(config_from_args(args), args.out, _resume_path(args), args.overwrite)

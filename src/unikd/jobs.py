@@ -13,7 +13,7 @@ import torch
 
 from . import config as C
 from .categories import check_categories, checkpoint_categories, dataset_categories
-from .data import CocoDetection, ImageResize, build_digits_det, collate
+from .data import CocoDetection, ImageResize, collate
 from .detectors import FAMILIES, build_detector
 from .engine import distributed as D
 from .distill import (AbsorbModel, DistillationModel, KnowledgeExtractors, Levels, build_distiller, load_ake,
