@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -132,7 +131,9 @@ def main() -> None:
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(job, configs))
         print(f"trained in {(time.time() - tic) / 60:.1f} min")
-    write_results(args.results, "python benchmarks/baselines.py " + " ".join(sys.argv[1:]), args.doc)
+    # the table is read from the JSONs only, whatever this call trained: its command is the one that rebuilds it
+    results = [] if args.results == RESULTS else ["--results", str(args.results)]
+    write_results(args.results, " ".join(["python benchmarks/baselines.py --table-only", *results]), args.doc)
     print(args.doc.read_text())
 
 
