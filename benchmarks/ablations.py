@@ -255,7 +255,9 @@ def heldout_per_seed(runs: dict[str, dict], prefix: str) -> dict[int, float]:
 
 def weight_choice(results: Path) -> list[str]:
     """FitNet's weight and UniKD's λ on RetinaNet → RetinaNet, each chosen by its mean AP on the held-out train
-    images (the matrix's run and the variants of groups w and e), with the val AP of every candidate."""
+    images (the matrix's run and the variants of groups w and e), with the val AP of every candidate. A method's
+    candidates are compared on the seeds that all of them have a held-out AP for, and every figure of its rows is
+    over those seeds."""
     own, matrix = load_results(results / "ablations"), load_results(results)
     alone = per_seed(matrix, "none")
     candidates = {"fitnet": [("0.2 (the matrix)", matrix, "retinanet_fitnet")],
@@ -268,8 +270,11 @@ def weight_choice(results: Path) -> list[str]:
     for method, runs in candidates.items():
         scored = [(label, heldout_per_seed(folder, prefix), per_seed(folder, prefix)) for label, folder, prefix in runs]
         scored = [c for c in scored if c[1]]
-        if not scored:
+        seeds = set.intersection(*(set(held) for _, held, _ in scored)) if scored else set()
+        if not seeds:
             continue
+        scored = [(label, {s: held[s] for s in seeds}, {s: val[s] for s in seeds if s in val})
+                  for label, held, val in scored]
         best = max(scored, key=lambda c: statistics.mean(c[1].values()))
         chosen[method] = best
         for label, held, val in scored:

@@ -344,6 +344,30 @@ def test_weights_are_chosen_on_the_heldout_images_and_reported_on_val(tmp_path):
     assert lines[-1] == "UniKD − FitNet on val, each at its chosen weight (per seed, mean ± std): +7.0 ± 0.0."
 
 
+def test_weights_are_compared_on_the_seeds_every_candidate_has_a_heldout_ap_for(tmp_path):
+    """The matrix's FitNet has held-out APs on seeds 0-2 (20, 30, 30), weight 1 only on seed 0 (22): on seed 0
+    weight 1 is the better, and the matrix's rows show seed 0 alone; UniKD's λ 2 shares no seed with the matrix's
+    UniKD, so UniKD gets no row yet."""
+    def write(folder, name, ap, heldout, **extra):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps({"metrics": {"AP": ap / 100}, "heldout": {"AP": heldout / 100},
+                                                         **extra}))
+
+    for seed, held in zip((0, 1, 2), (20.0, 30.0, 30.0)):
+        write(tmp_path, f"none_s{seed}", 10.0 + seed, 10.0, seed=seed)
+        write(tmp_path, f"retinanet_fitnet_s{seed}", 15.0 + seed, held, seed=seed)
+    write(tmp_path, "retinanet_unikd_s0", 25.0, 30.0, seed=0)
+    common = dict(teacher="retinanet", student="retinanet")
+    write(tmp_path / "ablations", "w_fitnet_weight_1_s0", 18.0, 22.0, seed=0, method="fitnet",
+          variant="w_fitnet_weight_1", group="w", label="FitNet weight 1", **common)
+    write(tmp_path / "ablations", "e_2_s1", 26.0, 40.0, seed=1, method="unikd", variant="e_2", group="e",
+          label="λ = 2", **common)
+    lines = ablations.weight_choice(tmp_path)
+    assert "| fitnet | 0.2 (the matrix) | 1 | 20.0 | 15.0 | +5.0 |" in lines
+    assert "| fitnet | 1 (chosen) | 1 | 22.0 | 18.0 | +8.0 |" in lines
+    assert not any(line.startswith("| unikd") for line in lines)
+
+
 def test_record_keeps_a_runs_heldout_metrics_and_its_loss_curve(tmp_path):
     run = tmp_path / "run"
     finish(run, "eval.json")
@@ -404,8 +428,10 @@ def test_ablations_on_a_new_machine_rerun_a_recorded_run_only_for_the_heldout_me
     (args.data / "annotations").mkdir(parents=True)
     (args.data / "annotations" / "instances_heldout.json").write_text("{}")
     ablations.schedule(args, chosen, threads=1)
-    assert [c["out"] for c in recorded[3:]] == [args.runs / "retinanet_fitnet_s0",
-                                                args.runs / "ablations" / "w_fitnet_weight_1_s0"]
+    # two jobs side by side: which runs ran again, not in which order
+    assert {c["out"] for c in recorded[3:]} == {args.runs / "retinanet_fitnet_s0",
+                                                args.runs / "ablations" / "w_fitnet_weight_1_s0"}
+    assert len(recorded) == 5
     assert json.loads((args.results / "retinanet_fitnet_s0.json").read_text())["heldout"] == {"AP": 0.3}
     assert "heldout" not in json.loads((args.results / "none_s0.json").read_text())
 
