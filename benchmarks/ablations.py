@@ -273,7 +273,7 @@ def weight_choice(results: Path) -> list[str]:
         seeds = set.intersection(*(set(held) for _, held, _ in scored)) if scored else set()
         if not seeds:
             continue
-        scored = [(label, {s: held[s] for s in seeds}, {s: val[s] for s in seeds if s in val})
+        scored = [(label, {s: held[s] for s in seeds}, {s: val[s] for s in seeds})
                   for label, held, val in scored]
         best = max(scored, key=lambda c: statistics.mean(c[1].values()))
         chosen[method] = best
