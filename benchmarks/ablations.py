@@ -1,8 +1,8 @@
 """Issue 13's runs beside the matrix: the ablations of the paper's Table 6, the controls, and FGD / MGD / PKD
 beside FitNet and UniKD, each a change to one of the matrix's runs, at the matrix's profile and sharing its runs.
 
-    python benchmarks/ablations.py [--groups a c d e f g controls kd w] [--seeds 0 1 2] [--data DIR] [--runs DIR]
-        [--teachers DIR] [--results DIR] [--student-epochs STUDENT=N ...] [--jobs 2] [--threads N]
+    python benchmarks/ablations.py [--groups a c d e f g controls kd w] [--seeds 0 1 2] [--teachers-families F ...]
+        [--data DIR] [--runs DIR] [--teachers DIR] [--results DIR] [--student-epochs STUDENT=N ...] [--jobs 2] [--threads N]
     python benchmarks/ablations.py --table-only [--results DIR]
 
 A variant changes one thing in a matrix run of a pair (``benchmarks/matrix.py`` with the same ``--data``,
@@ -92,7 +92,8 @@ GROUPS = {
     "w": "FitNet's weight (RetinaNet → RetinaNet; the matrix: 0.2); UniKD's λ is group e",
 }
 WEIGHT_GROUPS = ("w", "e")  # the groups whose weights are chosen on the held-out images
-KD_TEACHERS = ("retinanet", "faster_rcnn", "fcos", "deformable_detr", "reppoints")  # 1 homogeneous, 4 not
+# 1 homogeneous pair, 4 not: the strong teachers (RepPoints', 14.6 AP, is weaker than some students alone)
+KD_TEACHERS = ("retinanet", "atss", "fcos", "faster_rcnn", "deformable_detr")
 
 
 def variants(alone_epochs: int, matched_epochs: int) -> list[Variant]:
@@ -115,6 +116,15 @@ def variants(alone_epochs: int, matched_epochs: int) -> list[Variant]:
     out += [Variant("w", f"FitNet weight {v}", method="fitnet", stage2=(f"distill.fitnet_weight={v}",))
             for v in (0.5, 1, 2, 4)]
     return out
+
+
+def chosen_variants(args, steps: dict) -> list[Variant]:
+    """The variants of ``args.groups`` whose teacher is one of ``args.families``, at the profile's epochs of the
+    RetinaNet student (``args.student_epochs``, else its config's)."""
+    alone = (args.student_epochs.get("retinanet")
+             or load_config(student_config("retinanet", args.configs)).train.epochs)
+    return [v for v in variants(alone, matched_epochs(steps, "retinanet", "retinanet", alone))
+            if v.group in args.groups and v.teacher in args.families]
 
 
 def ake_folder(runs: Path, variant: Variant) -> Path:
@@ -324,6 +334,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", nargs="+", choices=list(GROUPS), default=list(GROUPS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--teachers-families", dest="families", nargs="+", choices=KD_TEACHERS,
+                        default=list(KD_TEACHERS),
+                        help="only the variants of these teachers (default: all; group kd has one per teacher)")
     parser.add_argument("--configs", type=Path, default=DIGITS)
     parser.add_argument("--student-epochs", nargs="+", type=student_epochs, default=[], metavar="STUDENT=N",
                         help="as matrix.py's: the profile's stage-2 epochs of a student in place of its config's")
@@ -333,10 +346,7 @@ def main() -> None:
     add_run_arguments(parser)
     args = parse_plan(parser)
     steps = json.loads(args.steps_file.read_text())["jobs"]
-    alone = (args.student_epochs.get("retinanet")
-             or load_config(student_config("retinanet", args.configs)).train.epochs)
-    chosen = [v for v in variants(alone, matched_epochs(steps, "retinanet", "retinanet", alone))
-              if v.group in args.groups]
+    chosen = chosen_variants(args, steps)
     if args.estimate:
         section = "\n".join(estimate(args, chosen, steps)) + "\n"
         replace_section(args.doc, section, title="# Results")

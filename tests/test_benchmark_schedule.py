@@ -537,3 +537,16 @@ def test_ablation_estimate_against_a_hand_computation(tmp_path):
     del steps["retinanet -> retinanet: fgd"]  # not measured: said, not counted at another method's time
     with pytest.raises(SystemExit, match="no step time for retinanet -> retinanet: fgd"):
         ablations.estimate(args, chosen, steps)
+
+
+def test_teachers_families_keeps_only_the_variants_of_those_teachers():
+    """``--teachers-families atss fcos --groups kd e``: the feature baselines of the two teachers, and no λ variant
+    (its teacher is the RetinaNet); the controls' epochs follow ``--student-epochs``."""
+    steps = {"retinanet -> retinanet: unikd": {"step": 3.0}, "retinanet: none": {"step": 1.0}}
+    args = argparse.Namespace(groups=["kd", "e"], families=["atss", "fcos"], student_epochs={},
+                              configs=distillation.DIGITS)
+    assert {v.name for v in ablations.chosen_variants(args, steps)} == {
+        f"kd_{t}_{m}" for t in ("atss", "fcos") for m in ("fgd", "mgd", "pkd")}
+    args.groups, args.families, args.student_epochs = ["controls"], ["retinanet"], {"retinanet": 2}
+    assert {v.name for v in ablations.chosen_variants(args, steps)} == {
+        "controls_unikd_untrained_akes", "controls_alone_4_epochs", "controls_alone_6_epochs_unikd_s_time"}
