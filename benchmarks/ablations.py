@@ -2,7 +2,8 @@
 beside FitNet and UniKD, each a change to one of the matrix's runs, at the matrix's profile and sharing its runs.
 
     python benchmarks/ablations.py [--groups a c d e f g controls kd w] [--seeds 0 1 2] [--teachers-families F ...]
-        [--data DIR] [--runs DIR] [--teachers DIR] [--results DIR] [--student-epochs STUDENT=N ...] [--jobs 2] [--threads N]
+        [--data DIR] [--runs DIR] [--teachers DIR] [--results DIR] [--student-epochs STUDENT=N ...] [--jobs 2]
+        [--threads N]
     python benchmarks/ablations.py --table-only [--results DIR]
 
 A variant changes one thing in a matrix run of a pair (``benchmarks/matrix.py`` with the same ``--data``,
@@ -87,10 +88,12 @@ GROUPS = {
     "f": "Tab. 6f: AKE pretraining epochs (RetinaNet → RetinaNet; the matrix: 5)",
     "g": "Tab. 6g: self-attention layers in φ, FitNet with the same adaptor (Deformable DETR → RetinaNet; the "
          "matrix: UniKD 2, FitNet 1)",
-    "controls": "Controls (RetinaNet → RetinaNet): untrained AKEs, the student alone trained longer",
+    "controls": "Controls (RetinaNet → RetinaNet): untrained AKEs, the student alone trained longer, FitNet and "
+                "UniKD trained as long",
     "kd": "FGD, MGD and PKD beside FitNet and UniKD (into the R18 RetinaNet)",
     "w": "FitNet's weight (RetinaNet → RetinaNet; the matrix: 0.2); UniKD's λ is group e",
 }
+TITLES_METHOD = {"fitnet": "FitNet", "unikd": "UniKD"}
 WEIGHT_GROUPS = ("w", "e")  # the groups whose weights are chosen on the held-out images
 # 1 homogeneous pair, 4 not: the strong teachers (RepPoints', 14.6 AP, is weaker than some students alone)
 KD_TEACHERS = ("retinanet", "atss", "fcos", "faster_rcnn", "deformable_detr")
@@ -111,7 +114,9 @@ def variants(alone_epochs: int, matched_epochs: int) -> list[Variant]:
     out += [Variant("controls", "UniKD, untrained AKEs", stage1=("train.lr=1e-12", "train.max_iters=1")),
             Variant("controls", f"alone, {2 * alone_epochs} epochs", method="none", epochs=2 * alone_epochs),
             Variant("controls", f"alone, {matched_epochs} epochs (UniKD's time)", method="none",
-                    epochs=matched_epochs)]
+                    epochs=matched_epochs),
+            *[Variant("controls", f"{TITLES_METHOD[m]}, {2 * alone_epochs} epochs", method=m, epochs=2 * alone_epochs)
+              for m in ("fitnet", "unikd")]]
     out += [Variant("kd", f"{TITLES[t]} {m}", teacher=t, method=m) for t in KD_TEACHERS for m in ("fgd", "mgd", "pkd")]
     out += [Variant("w", f"FitNet weight {v}", method="fitnet", stage2=(f"distill.fitnet_weight={v}",))
             for v in (0.5, 1, 2, 4)]
@@ -232,6 +237,18 @@ def row(label: str, values: dict[int, float], alone: dict[int, float], base: dic
             f"{differences(values, base) if base is not None else '–'} |")
 
 
+def alone_of(run: dict, own: dict[str, dict], matrix: dict[str, dict]) -> tuple[dict[int, float], int | None]:
+    """The student alone a variant's run is read against, AP per seed: the matrix's; for a distillation run of
+    other epochs than the matrix's student alone, the controls' student alone of the same epochs (and those epochs;
+    no seeds when there is none)."""
+    if run["method"] == "none" or run.get("epochs") in {m.get("epochs") for m in matrix.values()
+                                                         if m.get("method") == "none"}:
+        return per_seed(matrix, "none"), None
+    same = [r["variant"] for r in own.values() if r.get("method") == "none" and r.get("student") == run["student"]
+            and r.get("epochs") == run.get("epochs")]
+    return (per_seed(own, same[0]) if same else {}), run.get("epochs")
+
+
 def tables(results: Path) -> list[str]:
     """Per group with results: the matrix's runs its variants are read against, then the variants."""
     own = load_results(results / "ablations")
@@ -245,14 +262,16 @@ def tables(results: Path) -> list[str]:
         listed = set()
         for name, r in variants_run.items():
             matrix = load_results(student_folder(results, r["student"]))
-            alone = per_seed(matrix, "none")
+            alone, epochs = alone_of(r, own, matrix)
             for method in references(Variant(group, "", r["teacher"], r["method"])):
                 if (r["student"], r["teacher"], method) not in listed:
                     listed.add((r["student"], r["teacher"], method))
                     label = "student alone" if method == "none" else f"matrix: {TITLES[r['teacher']]} {method}"
-                    lines.append(row(label, per_seed(matrix, matrix_prefix(r["teacher"], method)), alone, None))
+                    lines.append(row(label, per_seed(matrix, matrix_prefix(r["teacher"], method)),
+                                     per_seed(matrix, "none"), None))
             base = per_seed(matrix, matrix_prefix(r["teacher"], r["method"]))
-            lines.append(row(r["label"], per_seed(own, name), alone,
+            label = r["label"] + (f" (− the student alone of {epochs} epochs)" if epochs else "")
+            lines.append(row(label, per_seed(own, name), alone,
                              base if r["method"] in ("none", "fitnet", "unikd") else None))
     return lines
 

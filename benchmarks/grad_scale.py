@@ -8,8 +8,9 @@ For each teacher and untrained R18 student of ``configs/digits/distill_STUDENT_r
 weights), over the first ``--batches`` batches of 8 train images of ``--data``: the gradient of the student's
 detection loss and of each method's weighted distillation loss with respect to the student's parameters that the
 distillation reaches (backbone and FPN), summed over the batches; then the norm of the distillation's over the
-detection's, and the cosine between the two; beside them the ratio of the losses themselves. A loss ratio says how large a loss is; the gradient ratio says how
-hard it pulls on the features, the cosine whether with detection or across it. FitNet's teacher scale is measured
+detection's, and the cosine between the two; beside them the ratio of the losses themselves. A loss ratio says
+how large a loss is; the gradient ratio says how hard it pulls on the features, the cosine whether with detection
+or across it. FitNet's teacher scale is measured
 on ``--data`` as the matrix measures it; UniKD's is the one stored with its AKEs (``--akes``/ake_TEACHER).
 Writes a section of docs/results.md.
 """

@@ -549,4 +549,34 @@ def test_teachers_families_keeps_only_the_variants_of_those_teachers():
         f"kd_{t}_{m}" for t in ("atss", "fcos") for m in ("fgd", "mgd", "pkd")}
     args.groups, args.families, args.student_epochs = ["controls"], ["retinanet"], {"retinanet": 2}
     assert {v.name for v in ablations.chosen_variants(args, steps)} == {
-        "controls_unikd_untrained_akes", "controls_alone_4_epochs", "controls_alone_6_epochs_unikd_s_time"}
+        "controls_unikd_untrained_akes", "controls_alone_4_epochs", "controls_alone_6_epochs_unikd_s_time",
+        "controls_fitnet_4_epochs", "controls_unikd_4_epochs"}
+
+
+def test_a_longer_distillation_run_is_read_against_the_student_alone_trained_as_long(tmp_path):
+    """UniKD at 6 epochs against the controls' student alone at 6 (per seed); the matrix's rows and a run at the
+    matrix's epochs keep the matrix's student alone; without a student alone of its epochs, no difference."""
+    def write(folder, name, ap, seed, method, **extra):
+        folder.mkdir(parents=True, exist_ok=True)
+        entry = {"metrics": {"AP": ap / 100}, "seed": seed, "method": method, "teacher": "retinanet", **extra}
+        (folder / f"{name}.json").write_text(json.dumps(entry))
+
+    def own(name, label, method, epochs, seed, ap):
+        write(tmp_path / "ablations", f"{name}_s{seed}", ap, seed, method, epochs=epochs, variant=name,
+              group="controls", label=label, student="retinanet")
+
+    for seed, (alone, unikd, alone6, unikd6, fitnet6) in enumerate([(5.0, 8.0, 12.0, 13.0, 11.0),
+                                                                      (6.0, 9.0, 11.0, 15.0, 12.0)]):
+        write(tmp_path, f"none_s{seed}", alone, seed, "none", epochs=3)
+        write(tmp_path, f"retinanet_unikd_s{seed}", unikd, seed, "unikd", epochs=3)
+        own("controls_unikd_6_epochs", "UniKD, 6 epochs", "unikd", 6, seed, unikd6)
+        own("controls_alone_6_epochs", "alone, 6 epochs", "none", 6, seed, alone6)
+        own("controls_fitnet_12_epochs", "FitNet, 12 epochs", "fitnet", 12, seed, fitnet6)
+    lines = ablations.tables(tmp_path)
+    assert "| student alone | 2 | 5.5 ± 0.7 | +0.0 ± 0.0 | – |" in lines
+    assert "| matrix: RetinaNet unikd | 2 | 8.5 ± 0.7 | +3.0 ± 0.0 | – |" in lines
+    # 13 − 12 and 15 − 11 against the alone of 6 epochs; 13 − 8 and 15 − 9 against the matrix's UniKD
+    assert ("| UniKD, 6 epochs (− the student alone of 6 epochs) | 2 | 14.0 ± 1.4 | +2.5 ± 2.1 | +5.5 ± 0.7 |"
+            in lines)
+    assert "| alone, 6 epochs | 2 | 11.5 ± 0.7 | +6.0 ± 1.4 | +6.0 ± 1.4 |" in lines
+    assert "| FitNet, 12 epochs (− the student alone of 12 epochs) | 2 | 11.5 ± 0.7 | – | – |" in lines
