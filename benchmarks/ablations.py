@@ -1,7 +1,8 @@
-"""Issue 13's runs beside the matrix: the ablations of the paper's Table 6, the controls, and FGD / MGD / PKD
-beside FitNet and UniKD, each a change to one of the matrix's runs, at the matrix's profile and sharing its runs.
+"""Issue 13's runs beside the matrix: the ablations of the paper's Table 6, the controls, FGD / MGD / PKD beside
+FitNet and UniKD, and the runs of the analysis, each a change to one of the matrix's runs, at the matrix's profile
+and sharing its runs.
 
-    python benchmarks/ablations.py [--groups a c d e f g controls kd w] [--seeds 0 1 2] [--teachers-families F ...]
+    python benchmarks/ablations.py [--groups a c d e f g controls kd w x] [--seeds 0 1 2] [--teachers-families F ...]
         [--data DIR] [--runs DIR] [--teachers DIR] [--results DIR] [--student-epochs STUDENT=N ...] [--jobs 2]
         [--threads N]
     python benchmarks/ablations.py --table-only [--results DIR]
@@ -92,6 +93,7 @@ GROUPS = {
                 "UniKD trained as long",
     "kd": "FGD, MGD and PKD beside FitNet and UniKD (into the R18 RetinaNet)",
     "w": "FitNet's weight (RetinaNet → RetinaNet; the matrix: 0.2); UniKD's λ is group e",
+    "x": "Analysis: UniKD's λ in the cell it loses to FitNet (ATSS → Faster R-CNN; the matrix: 0.9)",
 }
 TITLES_METHOD = {"fitnet": "FitNet", "unikd": "UniKD"}
 WEIGHT_GROUPS = ("w", "e")  # the groups whose weights are chosen on the held-out images
@@ -120,6 +122,9 @@ def variants(alone_epochs: int, matched_epochs: int) -> list[Variant]:
     out += [Variant("kd", f"{TITLES[t]} {m}", teacher=t, method=m) for t in KD_TEACHERS for m in ("fgd", "mgd", "pkd")]
     out += [Variant("w", f"FitNet weight {v}", method="fitnet", stage2=(f"distill.fitnet_weight={v}",))
             for v in (0.5, 1, 2, 4)]
+    # UniKD pulls 2.4 times as hard as FitNet on the features there (grad_scale.py): a third and three times λ
+    out += [Variant("x", f"λ = {v}", teacher="atss", student="faster_rcnn",
+                    stage2=(f"distill.lambda_ct={v}", f"distill.lambda_pos={v}")) for v in (0.3, 2.7)]
     return out
 
 
