@@ -565,13 +565,13 @@ def test_a_longer_distillation_run_is_read_against_the_student_alone_trained_as_
         write(tmp_path / "ablations", f"{name}_s{seed}", ap, seed, method, epochs=epochs, variant=name,
               group="controls", label=label, student="retinanet")
 
-    for seed, (alone, unikd, alone6, unikd6, fitnet6) in enumerate([(5.0, 8.0, 12.0, 13.0, 11.0),
+    for seed, (alone, unikd, alone6, unikd6, fitnet12) in enumerate([(5.0, 8.0, 12.0, 13.0, 11.0),
                                                                       (6.0, 9.0, 11.0, 15.0, 12.0)]):
         write(tmp_path, f"none_s{seed}", alone, seed, "none", epochs=3)
         write(tmp_path, f"retinanet_unikd_s{seed}", unikd, seed, "unikd", epochs=3)
         own("controls_unikd_6_epochs", "UniKD, 6 epochs", "unikd", 6, seed, unikd6)
         own("controls_alone_6_epochs", "alone, 6 epochs", "none", 6, seed, alone6)
-        own("controls_fitnet_12_epochs", "FitNet, 12 epochs", "fitnet", 12, seed, fitnet6)
+        own("controls_fitnet_12_epochs", "FitNet, 12 epochs", "fitnet", 12, seed, fitnet12)
     lines = ablations.tables(tmp_path)
     assert "| student alone | 2 | 5.5 ± 0.7 | +0.0 ± 0.0 | – |" in lines
     assert "| matrix: RetinaNet unikd | 2 | 8.5 ± 0.7 | +3.0 ± 0.0 | – |" in lines
