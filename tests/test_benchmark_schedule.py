@@ -566,7 +566,7 @@ def test_a_longer_distillation_run_is_read_against_the_student_alone_trained_as_
               group="controls", label=label, student="retinanet")
 
     for seed, (alone, unikd, alone6, unikd6, fitnet12) in enumerate([(5.0, 8.0, 12.0, 13.0, 11.0),
-                                                                      (6.0, 9.0, 11.0, 15.0, 12.0)]):
+                                                                     (6.0, 9.0, 11.0, 15.0, 12.0)]):
         write(tmp_path, f"none_s{seed}", alone, seed, "none", epochs=3)
         write(tmp_path, f"retinanet_unikd_s{seed}", unikd, seed, "unikd", epochs=3)
         own("controls_unikd_6_epochs", "UniKD, 6 epochs", "unikd", 6, seed, unikd6)
