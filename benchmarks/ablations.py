@@ -39,12 +39,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from distillation import (DIGITS, HELDOUT_METRICS, TITLES, add_run_arguments, alone_teacher,
+from distillation import (DIGITS, FAMILIES, HELDOUT_METRICS, TITLES, add_run_arguments, alone_teacher,
                           check_finished_teachers, check_teachers, checkpoint_sha256, distill_command, job_threads,
                           load_results, mean_std, pretrain_command, ready_teacher, record, recorded, student_config,
                           student_folder, teacher_checkpoint)
 from doc_sections import replace_section
-from matrix import parse_plan, shown, student_epochs
+from matrix import METHOD_TITLES, parse_plan, shown, student_epochs
 from matrix_cost import STEPS, job_hours
 from run_cost import BATCH
 from runner import UNIKD, check_ake_file, run_job
@@ -95,7 +95,6 @@ GROUPS = {
     "w": "FitNet's weight (RetinaNet → RetinaNet; the matrix: 0.2); UniKD's λ is group e",
     "x": "Analysis: UniKD's λ in the cell it loses to FitNet (ATSS → Faster R-CNN; the matrix: 0.9)",
 }
-TITLES_METHOD = {"fitnet": "FitNet", "unikd": "UniKD"}
 WEIGHT_GROUPS = ("w", "e")  # the groups whose weights are chosen on the held-out images
 # 1 homogeneous pair, 4 not: the strong teachers (RepPoints', 14.6 AP, is weaker than some students alone)
 KD_TEACHERS = ("retinanet", "atss", "fcos", "faster_rcnn", "deformable_detr")
@@ -117,7 +116,7 @@ def variants(alone_epochs: int, matched_epochs: int) -> list[Variant]:
             Variant("controls", f"alone, {2 * alone_epochs} epochs", method="none", epochs=2 * alone_epochs),
             Variant("controls", f"alone, {matched_epochs} epochs (UniKD's time)", method="none",
                     epochs=matched_epochs),
-            *[Variant("controls", f"{TITLES_METHOD[m]}, {2 * alone_epochs} epochs", method=m, epochs=2 * alone_epochs)
+            *[Variant("controls", f"{METHOD_TITLES[m]}, {2 * alone_epochs} epochs", method=m, epochs=2 * alone_epochs)
               for m in ("fitnet", "unikd")]]
     out += [Variant("kd", f"{TITLES[t]} {m}", teacher=t, method=m) for t in KD_TEACHERS for m in ("fgd", "mgd", "pkd")]
     out += [Variant("w", f"FitNet weight {v}", method="fitnet", stage2=(f"distill.fitnet_weight={v}",))
@@ -358,8 +357,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--groups", nargs="+", choices=list(GROUPS), default=list(GROUPS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--teachers-families", dest="families", nargs="+", choices=KD_TEACHERS,
-                        default=list(KD_TEACHERS),
+    parser.add_argument("--teachers-families", dest="families", nargs="+", choices=FAMILIES, default=list(FAMILIES),
                         help="only the variants of these teachers (default: all; group kd has one per teacher)")
     parser.add_argument("--configs", type=Path, default=DIGITS)
     parser.add_argument("--student-epochs", nargs="+", type=student_epochs, default=[], metavar="STUDENT=N",
