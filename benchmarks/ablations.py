@@ -106,8 +106,9 @@ def variants(alone_epochs: int, matched_epochs: int) -> list[Variant]:
     out = [Variant("a", f"{q} queries only", stage2=(f"distill.queries={q}",)) for q in ("content", "positional")]
     out += [Variant("c", f"N = {n}", stage1=(f"ake.n_queries={n}",)) for n in (200, 300)]
     out += [Variant("d", f"{n} layers", stage1=(f"ake.extractor_layers={n}",)) for n in (2, 3)]
+    # The weight grids are the with one value above each: on seed 0 both held-out choices were the grid's top
     out += [Variant("e", f"λ = {v}", stage2=(f"distill.lambda_ct={v}", f"distill.lambda_pos={v}"))
-            for v in (0.1, 2, 10)]
+            for v in (0.1, 2, 10, 30)]
     out += [Variant("f", f"{n} epochs", stage1=(f"train.epochs={n}",)) for n in (1, 3, 10)]
     out += [Variant("g", f"{m} φ {n} layers", teacher="deformable_detr", method=m,
                     stage2=(f"distill.adaptor_layers={n}",))
@@ -120,7 +121,7 @@ def variants(alone_epochs: int, matched_epochs: int) -> list[Variant]:
               for m in ("fitnet", "unikd")]]
     out += [Variant("kd", f"{TITLES[t]} {m}", teacher=t, method=m) for t in KD_TEACHERS for m in ("fgd", "mgd", "pkd")]
     out += [Variant("w", f"FitNet weight {v}", method="fitnet", stage2=(f"distill.fitnet_weight={v}",))
-            for v in (0.5, 1, 2, 4)]
+            for v in (0.5, 1, 2, 4, 8)]
     # UniKD pulls 2.4 times as hard as FitNet on the features there (grad_scale.py): a third and three times λ
     out += [Variant("x", f"λ = {v}", teacher="atss", student="faster_rcnn",
                     stage2=(f"distill.lambda_ct={v}", f"distill.lambda_pos={v}")) for v in (0.3, 2.7)]
