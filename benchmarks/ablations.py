@@ -281,6 +281,46 @@ def tables(results: Path) -> list[str]:
     return lines
 
 
+FEATURE_METHODS = ("fitnet", "fgd", "mgd", "pkd", "unikd")  # the comparison's columns: the baselines, then UniKD
+
+
+def baselines_comparison(results: Path) -> list[str]:
+    """Issue 13's baselines comparison, pair by pair: per teacher of group kd with results, the gain over the
+    student alone (per seed, mean ± std) of FitNet, FGD, MGD, PKD and UniKD into the R18 RetinaNet, with its seeds;
+    then, per baseline, the pairs where UniKD is above it on their common seeds."""
+    own, matrix = load_results(results / "ablations"), load_results(results)
+    teachers = [t for t in KD_TEACHERS if any(r.get("group") == "kd" and r["teacher"] == t for r in own.values())]
+    if not teachers:
+        return []
+    alone = per_seed(matrix, "none")
+
+    def runs(teacher: str, method: str) -> dict[int, float]:
+        if method in METHOD_TITLES:
+            return per_seed(matrix, matrix_prefix(teacher, method))
+        return per_seed(own, Variant("kd", f"{TITLES[teacher]} {method}", teacher, method).name)
+
+    def gain(values: dict[int, float]) -> str:
+        return f"{differences(values, alone)} ({len(values.keys() & alone.keys())})" if values else "–"
+
+    cells = {t: {m: runs(t, m) for m in FEATURE_METHODS} for t in teachers}
+    lines = ["", "**The feature baselines pair by pair** (R18 RetinaNet student; AP gain over the student alone, per "
+             "seed, mean ± std, its seeds in brackets)", "",
+             "| teacher (R50) | " + " | ".join(m.upper() if m not in METHOD_TITLES else METHOD_TITLES[m]
+                                              for m in FEATURE_METHODS) + " |",
+             "|---|" + "---|" * len(FEATURE_METHODS)]
+    lines += [f"| {TITLES[t]}{' (same family)' if t == 'retinanet' else ''} | "
+              + " | ".join(gain(cells[t][m]) for m in FEATURE_METHODS) + " |" for t in teachers]
+    lines.append("")
+    for m in FEATURE_METHODS[:-1]:
+        leads = [[cells[t]["unikd"][s] - cells[t][m][s] for s in cells[t][m].keys() & cells[t]["unikd"].keys()]
+                 for t in teachers]
+        leads = [lead for lead in leads if lead]
+        if leads:
+            lines.append(f"- UniKD above {METHOD_TITLES.get(m, m.upper())} (mean over their common seeds of UniKD's "
+                         f"AP minus its): {sum(statistics.mean(lead) > 0 for lead in leads)} of {len(leads)} pairs.")
+    return lines
+
+
 def heldout_per_seed(runs: dict[str, dict], prefix: str) -> dict[int, float]:
     """Held-out AP (%) per seed of the JSONs named ``PREFIX_sS`` that have one."""
     return {r["seed"]: 100 * r["heldout"]["AP"] for name, r in runs.items()
@@ -386,7 +426,8 @@ def main() -> None:
              f"is read from `{shown(args.results)}/ablations/*.json` and the matrix's JSONs). Val AP on "
              f"{args.data.name}: per run, the mean ± sample std over its seeds, then the mean ± std over the seeds "
              "of its difference with the student alone and with the matrix's run of the same pair and method (same "
-             "seed).", *tables(args.results), *weight_choice(args.results)]
+             "seed).", *tables(args.results), *baselines_comparison(args.results),
+             *weight_choice(args.results)]
     section = "\n".join(lines) + "\n"
     replace_section(args.doc, section, title="# Results")
     print(section)

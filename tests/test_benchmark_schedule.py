@@ -321,6 +321,40 @@ def test_ablation_tables_read_each_variant_against_the_student_alone_and_the_mat
     assert "| λ = 2 | 2 | 25.0 ± 2.8 | +13.0 ± 0.0 | +2.0 ± 1.4 |" in lines
 
 
+def test_the_baselines_comparison_reads_every_method_against_the_student_alone_of_its_seeds(tmp_path):
+    """Alone 10 / 14 on seeds 0-1; ATSS teacher: FitNet 12 / 15 (+2, +1), UniKD 16 / 16 (+6, +2), FGD 20 on seed 0
+    only (+10), PKD 13 / 17 (+3, +3); FCOS teacher: MGD 11 on seed 1 (-3), UniKD 18 on seed 0 alone: no common seed,
+    no count; RetinaNet teacher: no baseline run, no row."""
+    def write(folder, name, ap, **extra):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps({"metrics": {"AP": ap / 100}, **extra}))
+
+    def kd(teacher, method, seed, ap):
+        label = f"{distillation.TITLES[teacher]} {method}"
+        write(tmp_path / "ablations", f"{ablations.Variant('kd', label).name}_s{seed}", ap, seed=seed, method=method,
+              teacher=teacher, group="kd", label=label, student="retinanet")
+
+    for seed, (alone, fitnet, unikd, pkd) in enumerate([(10.0, 12.0, 16.0, 13.0), (14.0, 15.0, 16.0, 17.0)]):
+        write(tmp_path, f"none_s{seed}", alone, seed=seed)
+        write(tmp_path, f"atss_fitnet_s{seed}", fitnet, seed=seed)
+        write(tmp_path, f"atss_unikd_s{seed}", unikd, seed=seed)
+        write(tmp_path, f"retinanet_unikd_s{seed}", 30.0, seed=seed)
+        kd("atss", "pkd", seed, pkd)
+    kd("atss", "fgd", 0, 20.0)
+    kd("fcos", "mgd", 1, 11.0)
+    write(tmp_path, "fcos_unikd_s0", 18.0, seed=0)
+    lines = ablations.baselines_comparison(tmp_path)
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| teacher")]
+    assert rows == ["| ATSS | +1.5 ± 0.7 (2) | +10.0 (1) | – | +3.0 ± 0.0 (2) | +4.0 ± 2.8 (2) |",
+                    "| FCOS | – | – | -3.0 (1) | – | +8.0 (1) |"]
+    # UniKD - FitNet +4 / +1; - FGD -4 (seed 0); - PKD +3 / -1 (mean +1); MGD shares no seed with FCOS's UniKD
+    assert [line for line in lines if line.startswith("- ")] == [
+        "- UniKD above FitNet (mean over their common seeds of UniKD's AP minus its): 1 of 1 pairs.",
+        "- UniKD above FGD (mean over their common seeds of UniKD's AP minus its): 0 of 1 pairs.",
+        "- UniKD above PKD (mean over their common seeds of UniKD's AP minus its): 1 of 1 pairs."]
+    assert ablations.baselines_comparison(tmp_path / "elsewhere") == []
+
+
 def test_weights_are_chosen_on_the_heldout_images_and_reported_on_val(tmp_path):
     """FitNet 0.2 (the matrix) against 1: held-out 20 / 22 (mean) picks 1 although its val AP is lower; UniKD's
     only candidate with a held-out AP is the matrix's."""
