@@ -93,7 +93,7 @@ GROUPS = {
                 "UniKD trained as long",
     "kd": "FGD, MGD and PKD beside FitNet and UniKD (into the R18 RetinaNet)",
     "w": "FitNet's weight (RetinaNet → RetinaNet; the matrix: 0.2); UniKD's λ is group e",
-    "x": "Analysis: UniKD's λ in the cell it loses to FitNet (ATSS → Faster R-CNN; the matrix: 0.9)",
+    "x": "Analysis: UniKD's λ in the one cell where it trails FitNet (ATSS → Faster R-CNN; the matrix: 0.9)",
 }
 WEIGHT_GROUPS = ("w", "e")  # the groups whose weights are chosen on the held-out images
 # 1 homogeneous pair, 4 not: the strong teachers (RepPoints', 14.6 AP, is weaker than some students alone)
