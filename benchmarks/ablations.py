@@ -305,8 +305,7 @@ def baselines_comparison(results: Path) -> list[str]:
     cells = {t: {m: runs(t, m) for m in FEATURE_METHODS} for t in teachers}
     lines = ["", "**The feature baselines pair by pair** (R18 RetinaNet student; AP gain over the student alone, per "
              "seed, mean ± std, its seeds in brackets)", "",
-             "| teacher (R50) | " + " | ".join(m.upper() if m not in METHOD_TITLES else METHOD_TITLES[m]
-                                              for m in FEATURE_METHODS) + " |",
+             "| teacher (R50) | " + " | ".join(METHOD_TITLES.get(m, m.upper()) for m in FEATURE_METHODS) + " |",
              "|---|" + "---|" * len(FEATURE_METHODS)]
     lines += [f"| {TITLES[t]}{' (same family)' if t == 'retinanet' else ''} | "
               + " | ".join(gain(cells[t][m]) for m in FEATURE_METHODS) + " |" for t in teachers]
