@@ -297,7 +297,8 @@ def baselines_comparison(results: Path) -> list[str]:
     def runs(teacher: str, method: str) -> dict[int, float]:
         if method in METHOD_TITLES:
             return per_seed(matrix, matrix_prefix(teacher, method))
-        return per_seed(own, Variant("kd", f"{TITLES[teacher]} {method}", teacher, method).name)
+        return {r["seed"]: 100 * r["metrics"]["AP"] for r in own.values()
+                if r.get("group") == "kd" and (r["teacher"], r["method"]) == (teacher, method)}
 
     def gain(values: dict[int, float]) -> str:
         return f"{differences(values, alone)} ({len(values.keys() & alone.keys())})" if values else "–"
