@@ -45,7 +45,7 @@ from distillation import (DIGITS, FAMILIES, HELDOUT_METRICS, TITLES, add_run_arg
                           student_folder, teacher_checkpoint)
 from doc_sections import replace_section
 from matrix import METHOD_TITLES, parse_plan, shown, student_epochs
-from matrix_cost import STEPS, job_hours
+from matrix_cost import STEPS, Planned, job_hours, progress, train_hours
 from run_cost import BATCH
 from runner import UNIKD, check_ake_file, run_job
 
@@ -372,18 +372,23 @@ def estimate(args, chosen: list[Variant], steps: dict) -> list[str]:
     missing = sorted({v.job for v in chosen} - steps.keys())
     if missing:
         sys.exit(f"no step time for {', '.join(missing)}: run python benchmarks/matrix_cost.py --measure first")
-    hours: dict[str, float] = {}
+    plan: dict[str, list[Planned]] = {}  # per group
     for v in chosen:
         step = steps[v.job]
         epochs = (v.epochs or args.student_epochs.get(v.student)
                   or load_config(student_config(v.student, args.configs)).train.epochs)
         heldout = step["predict"] * math.ceil(n_heldout / BATCH) / 3600
-        runs = len(args.seeds) * (job_hours(step, epochs, n_train, n_val) + heldout)
+        runs = plan.setdefault(v.group, [])
+        runs += [Planned((f"ablations/{v.name}_s{seed}.json",), train_hours(step, epochs, n_train),
+                         job_hours(step, epochs, n_train, n_val) + heldout) for seed in args.seeds]
         if v.stage1:
             stage1 = load_config(args.configs / "ake.yaml", list(v.stage1)).train
             ake_epochs = stage1.epochs if stage1.max_iters == 0 else stage1.max_iters / math.ceil(ake_train / BATCH)
-            runs += job_hours(steps[f"ake_{v.teacher}"], ake_epochs, ake_train, n_val)
-        hours[v.group] = hours.get(v.group, 0.0) + runs
+            ake_step = steps[f"ake_{v.teacher}"]
+            runs.append(Planned((f"ablations/{ake_folder(Path(), v).name}.json",),
+                                train_hours(ake_step, ake_epochs, ake_train),
+                                job_hours(ake_step, ake_epochs, ake_train, n_val)))
+    hours = {group: sum(run.hours for run in runs) for group, runs in plan.items()}
     total = sum(hours.values())
     return [f"## The ablations' compute on {args.data.name}", "",
             f"Command: `python benchmarks/ablations.py {' '.join(sys.argv[1:])}` (written {datetime.date.today()}; "
@@ -391,7 +396,8 @@ def estimate(args, chosen: list[Variant], steps: dict) -> list[str]:
             f"matrix (whose runs it is read against are the matrix's): its runs on {len(args.seeds)} seeds, their "
             f"val and held-out evaluation, and its own AKEs; AKE variants at the matrix's AKE step time.", "",
             "| group | CPU h |", "|---|---|", *[f"| {GROUPS[g]} | {h:.1f} |" for g, h in hours.items()], "",
-            f"**In all: {total:.1f} CPU hours, {total / os.cpu_count():.1f} hours on {os.cpu_count()} cores.**"]
+            f"**In all: {total:.1f} CPU hours, {total / os.cpu_count():.1f} hours on {os.cpu_count()} cores.**", "",
+            progress([run for runs in plan.values() for run in runs], args.results)]
 
 
 def main() -> None:

@@ -16,6 +16,8 @@ options: each job's step time times its iterations (its config's epochs in ``--c
 ``--student-epochs``, over the train images of ``--data``) plus the evaluation (``predict`` over the val images),
 times its number of runs (its seeds), and the wall time on this machine's cores, one single-thread run per core.
 ``--doc`` writes the table into a section of docs/results.md named after the configs folder and the dataset.
+``--results`` (matrix.py's folder of JSONs) adds how many of the runs it records, what their training took by their
+own clocks against the step times, and what the runs left take, by the step times and at that ratio.
 """
 from __future__ import annotations
 
@@ -26,9 +28,10 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from distillation import METHODS, TITLES
+from distillation import METHODS, TITLES, student_folder
 from doc_sections import replace_section
 from matrix import ORDER, add_plan_arguments, cell_seeds, parse_plan
 from run_cost import BATCH, measure
@@ -70,32 +73,85 @@ def measure_all(args) -> None:
         args.steps_file.write_text(json.dumps(record, indent=1) + "\n")
 
 
-def job_hours(step: dict, epochs: int, train_images: int, val_images: int) -> float:
+def train_hours(step: dict, epochs: float, train_images: int) -> float:
+    """CPU hours of one run's training steps."""
+    return step["step"] * epochs * math.ceil(train_images / BATCH) / 3600
+
+
+def job_hours(step: dict, epochs: float, train_images: int, val_images: int) -> float:
     """CPU hours of one run: its training steps and its evaluation's ``predict`` batches."""
-    return (step["step"] * epochs * math.ceil(train_images / BATCH)
-            + step["predict"] * math.ceil(val_images / BATCH)) / 3600
+    return train_hours(step, epochs, train_images) + step["predict"] * math.ceil(val_images / BATCH) / 3600
+
+
+class Planned(NamedTuple):
+    """One run of an estimate: the JSONs (relative to a results folder) that record it once finished, any one of
+    them; its estimated hours of training steps; its estimated hours in all, evaluations included."""
+    jsons: tuple[str, ...]
+    train: float
+    hours: float
+
+
+def progress(planned: list[Planned], results: Path) -> str:
+    """How far ``planned`` has come under ``results``: the runs recorded, what their training took by their own
+    clocks (``train_minutes``) against its estimate, and the estimate of the runs left, also at that ratio."""
+    done = {}
+    for run in planned:
+        path = next((results / j for j in run.jsons if (results / j).is_file()), None)
+        if path is not None:
+            done[run] = json.loads(path.read_text())["train_minutes"] / 60
+    left = sum(run.hours for run in planned if run not in done)
+    line = f"Recorded under `{results}`: {len(done)} of {len(planned)} runs"
+    estimated = sum(run.train for run in done)
+    if estimated > 0:
+        ratio = sum(done.values()) / estimated
+        line += (f"; their training took {sum(done.values()):.1f} hours by their own clocks against {estimated:.1f} "
+                 f"by the step times ({ratio:.2f} times). The {len(planned) - len(done)} left: {left:.1f} CPU hours "
+                 f"by the step times, {left * ratio:.1f} at that ratio.")
+    else:
+        line += f". The {len(planned) - len(done)} left: {left:.1f} CPU hours by the step times."
+    return line
+
+
+def planned(args, steps: dict, n_train: int, n_val: int, ake_train: int, ake_epochs: int
+            ) -> dict[tuple[str, str], list[Planned]]:
+    """Every run of the matrix by ``(student, method)``: stage 1 under ``("", "ake")`` (its JSON is in any
+    student's folder), the student alone under ``"none"``, each run on its seeds."""
+    runs: dict[tuple[str, str], list[Planned]] = {("", "ake"): [
+        Planned(tuple(str(student_folder(Path(), s) / f"ake_{t}.json") for s in ORDER), train_hours(steps[f"ake_{t}"], ake_epochs,
+                ake_train), job_hours(steps[f"ake_{t}"], ake_epochs, ake_train, n_val)) for t in args.families]}
+    for s in args.students:
+        epochs = stage2_epochs(args, s)
+
+        def run(job: str, name: str) -> Planned:
+            return Planned((str(student_folder(Path(), s) / f"{name}.json"),), train_hours(steps[job], epochs, n_train),
+                           job_hours(steps[job], epochs, n_train, n_val))
+
+        runs[s, "none"] = [run(f"{s}: none", f"none_s{seed}") for seed in args.alone_seeds]
+        for m in METHODS:
+            runs[s, m] = [run(f"{t} -> {s}: {m}", f"{t}_{m}_s{seed}") for t in args.families
+                          for seed in cell_seeds(args, s)]
+    return runs
+
+
+def stage2_epochs(args, student: str) -> int:
+    """A student's stage-2 epochs at this profile: ``--student-epochs``, else its config's."""
+    return args.student_epochs.get(student) or load_config(args.configs / f"distill_{student}_r18.yaml").train.epochs
 
 
 def estimate(args) -> list[str]:
-    """The doc section: per student, the hours of its runs, and the matrix's total."""
+    """The doc section: per student, the hours of its runs, and the matrix's total; with ``args.results``, how
+    many of the runs it records and what the others take."""
     record = json.loads(args.steps_file.read_text())
     steps = record["jobs"]
     n_train, n_val = (len(CocoDetection(args.data, split, 128)) for split in ("train", "val"))
     ake_train = len(CocoDetection(args.ake_data or args.data, "train", 128))
     ake_epochs = load_config(args.configs / "ake.yaml").train.epochs
-    rows, total = [], 0.0
-    stage1 = sum(job_hours(steps[f"ake_{t}"], ake_epochs, ake_train, n_val) for t in args.families)
-    for s in args.students:
-        epochs = args.student_epochs.get(s) or load_config(args.configs / f"distill_{s}_r18.yaml").train.epochs
-        alone = job_hours(steps[f"{s}: none"], epochs, n_train, n_val) * len(args.alone_seeds)
-        seeds = len(cell_seeds(args, s))
-        per_method = {m: sum(job_hours(steps[f"{t} -> {s}: {m}"], epochs, n_train, n_val) for t in args.families)
-                      * seeds for m in METHODS}
-        row = alone + sum(per_method.values())
-        total += row
-        rows.append(f"| {TITLES[s]} | {epochs} | {len(args.alone_seeds)} | {alone:.1f} | {seeds} | "
-                    + " | ".join(f"{per_method[m]:.1f}" for m in METHODS) + f" | {row:.1f} |")
-    total += stage1
+    runs = planned(args, steps, n_train, n_val, ake_train, ake_epochs)
+    hours = {key: sum(run.hours for run in plan) for key, plan in runs.items()}
+    stage1, total = hours["", "ake"], sum(hours.values())
+    rows = [f"| {TITLES[s]} | {stage2_epochs(args, s)} | {len(args.alone_seeds)} | {hours[s, 'none']:.1f} | "
+            f"{len(cell_seeds(args, s))} | " + " | ".join(f"{hours[s, m]:.1f}" for m in METHODS)
+            + f" | {hours[s, 'none'] + sum(hours[s, m] for m in METHODS):.1f} |" for s in args.students]
     cores = os.cpu_count()
     command = "python benchmarks/matrix_cost.py " + " ".join(sys.argv[1:])
     return [
@@ -116,6 +172,7 @@ def estimate(args) -> list[str]:
         f"Stage 1 ({ake_epochs} epochs of {ake_train} images per teacher): {stage1:.1f} CPU h. "
         f"**In all: {total:.1f} CPU hours, {total / cores:.1f} hours on {cores} cores** (one single-thread run per "
         "core, no other work).",
+        *(["", progress([run for plan in runs.values() for run in plan], args.results)] if args.results else []),
     ]
 
 
@@ -129,6 +186,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps-file", type=Path, default=STEPS)
     parser.add_argument("--doc", type=Path, default=None, help="write the table into this markdown file")
+    parser.add_argument("--results", type=Path, default=None,
+                        help="matrix.py's folder of JSONs: say how many of the runs it records and what is left")
     args = parse_plan(parser)
     if args.measure:
         measure_all(args)

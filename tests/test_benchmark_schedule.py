@@ -248,13 +248,26 @@ def test_matrix_cost_adds_each_runs_steps_and_evaluation_times_its_seeds(tmp_pat
     args = argparse.Namespace(steps_file=steps_file, data=data, configs=distillation.DIGITS, families=["fcos"],
                               students=["atss", "deformable_detr"], seeds=[0], alone_seeds=[0, 1, 2],
                               seeded_students=["deformable_detr"], student_epochs={"deformable_detr": 4},
-                              ake_data=None)
+                              ake_data=None, results=None)
     section = "\n".join(matrix_cost.estimate(args))
     ake = 5 * 3 * 1.0 + 2 * 2.0  # ake.yaml: 5 epochs
     atss = 3 * (3 * 3 * 3.0 + 2 * 5.0) + (3 * 3 * 13.0 + 2) + (3 * 3 * 17.0 + 2)  # 3 epochs; cells on 1 seed
     detr = 3 * (4 * 3 * 7.0 + 2 * 11.0) + 3 * (4 * 3 * 19.0 + 2) + 3 * (4 * 3 * 23.0 + 2)  # 4 epochs; 3 seeds
     assert f"In all: {(ake + atss + detr) / 60:.1f} CPU hours" in section
     assert f"| ATSS | 3 | 3 | {3 * (9 * 3.0 + 10) / 60:.1f} | 1 |" in section
+    assert "Recorded under" not in section
+
+    # Two runs recorded: the AKEs (in any student's folder) and one Deformable DETR UniKD seed of the 15 runs.
+    args.results = tmp_path / "results"
+    for name, took in (("atss/ake_fcos", 20.0), ("deformable_detr/fcos_unikd_s1", 400.0)):
+        (args.results / name).parent.mkdir(parents=True, exist_ok=True)
+        (args.results / f"{name}.json").write_text(json.dumps({"train_minutes": took}))
+    section = "\n".join(matrix_cost.estimate(args))
+    took, estimated = 420 / 60, (5 * 3 * 1.0 + 4 * 3 * 23.0) / 60  # training steps only, no evaluation
+    left = (ake + atss + detr - (5 * 3 * 1.0 + 2 * 2.0) - (4 * 3 * 23.0 + 2)) / 60
+    assert (f"Recorded under `{args.results}`: 2 of 15 runs; their training took {took:.1f} hours by their own "
+            f"clocks against {estimated:.1f} by the step times ({took / estimated:.2f} times). The 13 left: "
+            f"{left:.1f} CPU hours by the step times, {left * took / estimated:.1f} at that ratio.") in section
 
 
 def ablation_args(tmp_path):
@@ -568,6 +581,15 @@ def test_ablation_estimate_against_a_hand_computation(tmp_path):
     assert f"| {ablations.GROUPS['controls']} | {controls / 60:.1f} |" in section
     assert f"| {ablations.GROUPS['kd']} | {kd / 60:.1f} |" in section
     assert f"In all: {(e + controls + kd) / 60:.1f} CPU hours" in section
+    assert f"Recorded under `{args.results}`: 0 of 9 runs. The 9 left: {(e + controls + kd) / 60:.1f} CPU" in section
+    (args.results / "ablations").mkdir(parents=True)
+    for name, took in (("e_2_s0", 90.0), ("ake_retinanet_train_lr_1e_12_train_max_iters_1", 0.5)):
+        (args.results / "ablations" / f"{name}.json").write_text(json.dumps({"train_minutes": took}))
+    section = "\n".join(ablations.estimate(args, chosen, steps))
+    took, estimated, left = 90.5 / 60, (3.0 * 3 * 3 + 1.0) / 60, (e + controls + kd - e / 2 - 5.0) / 60
+    assert (f"2 of 9 runs; their training took {took:.1f} hours by their own clocks against {estimated:.1f} by the "
+            f"step times ({took / estimated:.2f} times). The 7 left: {left:.1f} CPU hours by the step times, "
+            f"{left * took / estimated:.1f} at that ratio.") in section
     del steps["retinanet -> retinanet: fgd"]  # not measured: said, not counted at another method's time
     with pytest.raises(SystemExit, match="no step time for retinanet -> retinanet: fgd"):
         ablations.estimate(args, chosen, steps)
