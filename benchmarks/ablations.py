@@ -6,6 +6,7 @@ and sharing its runs.
         [--data DIR] [--runs DIR] [--teachers DIR] [--results DIR] [--student-epochs STUDENT=N ...] [--jobs 2]
         [--threads N]
     python benchmarks/ablations.py --table-only [--results DIR]
+    python benchmarks/ablations.py --estimate [--groups ...] [--seeds ...] [--data DIR] [--results DIR]
 
 A variant changes one thing in a matrix run of a pair (``benchmarks/matrix.py`` with the same ``--data``,
 ``--runs``, ``--results`` and ``--student-epochs``): a stage-1 setting (its own AKEs, ``RUNS/ake_FAMILY_KEY``), a
@@ -22,6 +23,8 @@ never on val.
 
 The table (a section of docs/results.md) is built from the JSONs alone: per variant, its AP over the seeds and its
 difference with the matrix's run of each seed, mean ± sample std; then the weights chosen on the held-out images.
+``--estimate`` writes instead the CPU hours of the chosen groups by ``matrix_cost.py``'s step times, and how many of
+their runs ``--results`` records and what the others take.
 """
 from __future__ import annotations
 
@@ -411,7 +414,8 @@ def main() -> None:
                         help="as matrix.py's: the profile's stage-2 epochs of a student in place of its config's")
     parser.add_argument("--steps-file", type=Path, default=STEPS, help="matrix_cost.py's measured step times")
     parser.add_argument("--estimate", action="store_true",
-                        help="only write the CPU hours the chosen groups add to the matrix (docs section)")
+                        help="only write the CPU hours the chosen groups add to the matrix, and what --results records of "
+                        "them (docs section)")
     add_run_arguments(parser)
     args = parse_plan(parser)
     steps = json.loads(args.steps_file.read_text())["jobs"]
