@@ -47,7 +47,7 @@ from distillation import (DIGITS, FAMILIES, HELDOUT_METRICS, TITLES, add_run_arg
                           load_results, mean_std, pretrain_command, ready_teacher, record, recorded, student_config,
                           student_folder, teacher_checkpoint)
 from doc_sections import replace_section
-from matrix import METHOD_TITLES, parse_plan, shown, student_epochs
+from matrix import METHOD_TITLES, parse_plan, shown, stage2_epochs, student_epochs
 from matrix_cost import STEPS, Planned, job_hours, progress, train_hours
 from run_cost import BATCH
 from runner import UNIKD, check_ake_file, run_job
@@ -134,8 +134,7 @@ def variants(alone_epochs: int, matched_epochs: int) -> list[Variant]:
 def chosen_variants(args, steps: dict) -> list[Variant]:
     """The variants of ``args.groups`` whose teacher is one of ``args.families``, at the profile's epochs of the
     RetinaNet student (``args.student_epochs``, else its config's)."""
-    alone = (args.student_epochs.get("retinanet")
-             or load_config(student_config("retinanet", args.configs)).train.epochs)
+    alone = stage2_epochs(args, "retinanet")
     return [v for v in variants(alone, matched_epochs(steps, "retinanet", "retinanet", alone))
             if v.group in args.groups and v.teacher in args.families]
 
@@ -378,8 +377,7 @@ def estimate(args, chosen: list[Variant], steps: dict) -> list[str]:
     plan: dict[str, list[Planned]] = {}  # per group
     for v in chosen:
         step = steps[v.job]
-        epochs = (v.epochs or args.student_epochs.get(v.student)
-                  or load_config(student_config(v.student, args.configs)).train.epochs)
+        epochs = v.epochs or stage2_epochs(args, v.student)
         heldout = step["predict"] * math.ceil(n_heldout / BATCH) / 3600
         runs = plan.setdefault(v.group, [])
         runs += [Planned((f"ablations/{v.name}_s{seed}.json",), train_hours(step, epochs, n_train),

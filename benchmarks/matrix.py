@@ -38,6 +38,8 @@ from distillation import (AKE_CONFIG, DIGITS, FAMILIES, METHODS, ROOT, TITLES, a
                           student_folder)
 from doc_sections import replace_section
 
+from unikd.config import load_config
+
 # The families in the order of issue 13: the table's columns (teachers) and blocks of rows (students).
 ORDER = ("retinanet", "atss", "faster_rcnn", "fcos", "reppoints", "deformable_detr")
 METHOD_TITLES = {"fitnet": "FitNet", "unikd": "UniKD"}
@@ -262,6 +264,11 @@ def student_epochs(text: str) -> tuple[str, int]:
     if student not in FAMILIES or not epochs.isdigit() or int(epochs) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give STUDENT=N, a family of {', '.join(FAMILIES)} and N >= 1")
     return student, int(epochs)
+
+
+def stage2_epochs(args, student: str) -> int:
+    """A student's stage-2 epochs at the plan's profile: ``--student-epochs``, else its config's in ``--configs``."""
+    return args.student_epochs.get(student) or load_config(student_config(student, args.configs)).train.epochs
 
 
 def parse_plan(parser: argparse.ArgumentParser) -> argparse.Namespace:

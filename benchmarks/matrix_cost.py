@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 from distillation import METHODS, TITLES, student_folder
 from doc_sections import replace_section
-from matrix import ORDER, add_plan_arguments, cell_seeds, parse_plan
+from matrix import ORDER, add_plan_arguments, cell_seeds, parse_plan, stage2_epochs
 from run_cost import BATCH, measure
 
 from unikd.config import load_config
@@ -131,11 +131,6 @@ def planned(args, steps: dict, n_train: int, n_val: int, ake_train: int, ake_epo
             runs[s, m] = [run(f"{t} -> {s}: {m}", f"{t}_{m}_s{seed}") for t in args.families
                           for seed in cell_seeds(args, s)]
     return runs
-
-
-def stage2_epochs(args, student: str) -> int:
-    """A student's stage-2 epochs at this profile: ``--student-epochs``, else its config's."""
-    return args.student_epochs.get(student) or load_config(args.configs / f"distill_{student}_r18.yaml").train.epochs
 
 
 def estimate(args) -> list[str]:
