@@ -638,18 +638,19 @@ def test_a_longer_distillation_run_is_read_against_the_student_alone_trained_as_
     assert "| FitNet, 12 epochs (− the student alone of 12 epochs) | 2 | 11.5 ± 0.7 | – | – |" in lines
 
 
-def test_the_analysis_runs_change_lambda_in_the_faster_rcnn_students_cell_with_the_atss_teacher(recorded, tmp_path):
+@pytest.mark.parametrize("name, student", [("x_0_3", "faster_rcnn"), ("y_0_3", "reppoints")])
+def test_the_analysis_runs_change_lambda_in_their_cell_with_the_atss_teacher(recorded, tmp_path, name, student):
     args = ablation_args(tmp_path)
     args.seeds = [0]
-    ablations.schedule(args, [v for v in ablations.variants(3, 9) if v.name == "x_0_3"], threads=1)
+    ablations.schedule(args, [v for v in ablations.variants(3, 9) if v.name == name], threads=1)
     by_out = {c["out"]: c["args"] for c in recorded}
-    run = by_out[args.runs / "ablations" / "x_0_3_s0"]
-    assert run[1] == str(distillation.DIGITS / "distill_faster_rcnn_r18.yaml")
+    run = by_out[args.runs / "ablations" / f"{name}_s0"]
+    assert run[1] == str(distillation.DIGITS / f"distill_{student}_r18.yaml")
     assert option(run, "--teacher") == str(tmp_path / "teachers" / "atss_r50_teacher" / "last.pt")
     assert run[run.index("--set"):run.index("--set") + 4] == ["--set", "distill.lambda_ct=0.3", "--set",
                                                               "distill.lambda_pos=0.3"]
-    # read against the matrix's runs of that cell: the Faster R-CNN student alone and its UniKD from ATSS
-    assert {args.runs / "faster_rcnn" / "none_s0", args.runs / "faster_rcnn" / "atss_unikd_s0",
+    # read against the matrix's runs of that cell: the student alone and its UniKD from ATSS
+    assert {args.runs / student / "none_s0", args.runs / student / "atss_unikd_s0",
             args.runs / "ake_atss"} <= set(by_out)
-    entry = json.loads((args.results / "ablations" / "x_0_3_s0.json").read_text())
-    assert (entry["student"], entry["teacher"], entry["group"]) == ("faster_rcnn", "atss", "x")
+    entry = json.loads((args.results / "ablations" / f"{name}_s0.json").read_text())
+    assert (entry["student"], entry["teacher"], entry["group"]) == (student, "atss", name[0])
