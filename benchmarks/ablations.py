@@ -96,7 +96,7 @@ GROUPS = {
                 "UniKD trained as long",
     "kd": "FGD, MGD and PKD beside FitNet and UniKD (into the R18 RetinaNet)",
     "w": "FitNet's weight (RetinaNet → RetinaNet; the matrix: 0.2); UniKD's λ is group e",
-    "x": "Analysis: UniKD's λ in the one cell where it trails FitNet (ATSS → Faster R-CNN; the matrix: 0.9)",
+    "x": "Analysis: UniKD's λ in a cell where it trails FitNet (ATSS → Faster R-CNN; the matrix: 0.9)",
     "y": "Analysis: UniKD's λ in the student where it leads FitNet least (ATSS → RepPoints; the matrix: 1)",
 }
 WEIGHT_GROUPS = ("w", "e")  # the groups whose weights are chosen on the held-out images
@@ -129,7 +129,7 @@ def variants(alone_epochs: int, matched_epochs: int) -> list[Variant]:
     # UniKD pulls 2.4 times as hard as FitNet on the features there (grad_scale.py): a third and three times λ
     out += [Variant("x", f"λ = {v}", teacher="atss", student="faster_rcnn",
                     stage2=(f"distill.lambda_ct={v}", f"distill.lambda_pos={v}")) for v in (0.3, 2.7)]
-    # Both methods' gradients are 13-28 times the RepPoints student's detection gradient (grad_scale.py): a third
+    # Both methods' gradients are 13-38 times the RepPoints student's detection gradient (grad_scale.py): a third
     # and three times λ, as for group x
     out += [Variant("y", f"λ = {v}", teacher="atss", student="reppoints",
                     stage2=(f"distill.lambda_ct={v}", f"distill.lambda_pos={v}")) for v in (0.3, 3)]
