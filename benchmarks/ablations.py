@@ -100,7 +100,8 @@ GROUPS = {
     "y": "Analysis: UniKD's λ in the student where it leads FitNet least (ATSS → RepPoints; the matrix: 1)",
 }
 WEIGHT_GROUPS = ("w", "e")  # the groups whose weights are chosen on the held-out images
-# 1 homogeneous pair, 4 not: the strong teachers (RepPoints', 14.6 AP, is weaker than some students alone)
+# 1 homogeneous pair, 4 not: the strong teachers (RepPoints', 14.7 AP here and 14.6 on the first machine, is
+# weaker than some students alone)
 KD_TEACHERS = ("retinanet", "atss", "fcos", "faster_rcnn", "deformable_detr")
 
 
