@@ -2,7 +2,7 @@
 
     python benchmarks/matrix_analysis.py [--results benchmarks/results/matrix_1k] [--doc docs/results.md]
 
-Three tables, a section of ``--doc``:
+Four tables, a section of ``--doc``:
 
 - **Loss scales**, per cell: the distillation losses (the logged total minus the detection losses, those that the
   same student logs when trained alone) over the detection losses, at the first and at the last logged step of
@@ -11,6 +11,8 @@ Three tables, a section of ``--doc``:
   of FitNet and UniKD over the students it taught.
 - **The students**, per student: the student alone's AP (how far from converged) and the mean gains over the
   teachers.
+- **The seeds**, per seed of each cell that FitNet and UniKD ran on more than one seed: the APs and UniKD − FitNet,
+  then how many of those cells change the sign of UniKD − FitNet from one seed to another.
 
 Then Spearman's rank correlations over the cells, each with its ``n``: few points, so read as a
 direction, not as a test. Gains are per seed against the student alone of the same seed, as in matrix.py.
@@ -27,7 +29,7 @@ from scipy.stats import spearmanr
 
 from distillation import METHODS, ROOT, TITLES, load_results, mean_std, student_folder
 from doc_sections import replace_section
-from matrix import ORDER, collect, gains, load_students, shown, teachers_of
+from matrix import ORDER, Cells, collect, gains, load_students, shown, teachers_of
 
 
 def detection_keys(runs: dict[str, dict]) -> set[str]:
@@ -86,8 +88,29 @@ def teacher_aps(students: dict[str, dict[str, dict]]) -> dict[str, float]:
             for runs in students.values() for name, r in runs.items() if name.startswith("teacher_")}
 
 
+def seed_rows(alone: dict[int, float], fitnet: dict[int, float], unikd: dict[int, float]) -> list[tuple]:
+    """``(seed, alone AP, FitNet AP, UniKD AP, UniKD − FitNet)`` per seed that both methods ran (alone None
+    where the student alone did not run that seed)."""
+    return [(seed, alone.get(seed), fitnet[seed], unikd[seed], unikd[seed] - fitnet[seed])
+            for seed in sorted(fitnet) if seed in unikd]
+
+
+def seeds_table(alone: dict[str, dict[int, float]], cells: Cells, ran: list[tuple[str, str]]) -> list[str]:
+    """The per-seed table of the cells where both methods share two seeds or more, and the sign-change count."""
+    lines = ["| teacher → student | seed | alone AP | FitNet AP | UniKD AP | UniKD − FitNet |",
+             "|---|---|---|---|---|---|"]
+    seeded = {(s, t): rows for s, t in ran if len(rows := seed_rows(alone[s], cells[s, t, "fitnet"],
+                                                                      cells[s, t, "unikd"])) > 1}
+    for (s, t), rows in seeded.items():
+        lines += [f"| {TITLES[t]} → {TITLES[s]} | {seed} | {fmt(base)} | {fmt(fitnet)} | {fmt(unikd)} | "
+                  f"{fmt(edge, True)} |" for seed, base, fitnet, unikd, edge in rows]
+    flips = sum(1 for rows in seeded.values() if len({edge > 0 for *_, edge in rows}) > 1)
+    return lines + ["", f"UniKD − FitNet changes sign from one seed to another in {flips} of these {len(seeded)} "
+                        "cells."]
+
+
 def analysis(results: Path) -> list[str]:
-    """The three tables and the correlations, as markdown lines."""
+    """The four tables and the correlations, as markdown lines."""
     students = load_students(results)
     if not students:
         sys.exit(f"no finished stage-2 run in {results}")
@@ -140,7 +163,7 @@ def analysis(results: Path) -> list[str]:
               + rank_correlation([alone_ap[s] for s, t in ran], [gain[s, t, "unikd"] for s, t in ran])
               + "; FitNet's "
               + rank_correlation([alone_ap[s] for s, t in ran], [gain[s, t, "fitnet"] for s, t in ran]) + "."]
-    return lines
+    return lines + [""] + seeds_table(alone, cells, ran)
 
 
 def main() -> None:
@@ -150,7 +173,7 @@ def main() -> None:
     args = parser.parse_args()
     command = "python benchmarks/matrix_analysis.py " + " ".join(sys.argv[1:])
     section = "\n".join([
-        "## The matrix's analysis: loss scales, AKEs, students", "",
+        "## The matrix's analysis: loss scales, AKEs, students, seeds", "",
         f"Command: `{command}` (written {datetime.date.today()}; read from `{shown(args.results)}`'s JSONs). "
         "KD/det: the distillation losses over the student's detection losses at the first and the last logged "
         "step, median over the seeds; gains in AP over the student alone of the same seed, mean over the seeds. "

@@ -85,3 +85,20 @@ def test_ake_aps_reads_stage_1_from_whichever_student_folder_recorded_it(results
     (results / "atss").mkdir()
     (results / "ake_atss.json").rename(results / "atss" / "ake_atss.json")
     assert matrix_analysis.ake_aps(results) == pytest.approx({"retinanet": 22.0, "fcos": 31.0, "atss": 15.0})
+
+
+def test_the_seeds_table_lists_each_seed_of_the_cells_with_two_and_counts_sign_changes(results):
+    lines = matrix_analysis.analysis(results)
+    start = lines.index("| teacher → student | seed | alone AP | FitNet AP | UniKD AP | UniKD − FitNet |")
+    assert lines[start + 2:start + 6] == [
+        "| RetinaNet → RetinaNet | 0 | 10.0 | 12.0 | 15.0 | +3.0 |",
+        "| RetinaNet → RetinaNet | 1 | 14.0 | 16.0 | 17.0 | +1.0 |",
+        "| FCOS → RetinaNet | 0 | 10.0 | 9.0 | 11.0 | +2.0 |",
+        "| FCOS → RetinaNet | 1 | 14.0 | 15.0 | 13.0 | -2.0 |"]
+    # ATSS ran one seed: not listed; FCOS's edge goes from +2 to -2, RetinaNet's stays positive
+    assert lines[start + 6:] == ["", "UniKD − FitNet changes sign from one seed to another in 1 of these 2 cells."]
+
+
+def test_seed_rows_keep_the_seeds_both_methods_ran_and_mark_a_missing_alone():
+    rows = matrix_analysis.seed_rows({0: 5.0}, {0: 6.0, 1: 7.0, 2: 8.0}, {0: 9.0, 2: 7.5})
+    assert rows == [(0, 5.0, 6.0, 9.0, 3.0), (2, None, 8.0, 7.5, -0.5)]
