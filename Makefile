@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/unikd demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
